@@ -1,0 +1,277 @@
+"""SVHN and MNIST for MCD: torchvision's files, URLs and checksums; data held on the device as uint8.
+
+Layout under the data root (torchvision's own):
+    DATA_ROOT/svhn/{train,test}_32x32.mat
+    DATA_ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+
+Preprocessing follows the original MCD code: MNIST 28x28 -> 32x32 (bilinear), grey repeated to
+3 channels; every image scaled to [-1, 1] (ToTensor then Normalize(0.5, 0.5)); SVHN's label 10 is
+the digit 0. The resize happens once at load time, the scaling once per batch on the device.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import MNIST, SVHN
+from torchvision.datasets.mnist import read_image_file, read_label_file
+from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
+
+# Official URLs and MD5s, taken from torchvision so there is one source of truth.
+# SVHN: split -> (url, filename, md5 of the .mat). MNIST: .gz filename -> md5, tried on each mirror.
+SVHN_FILES: dict[str, tuple[str, str, str]] = {split: tuple(SVHN.split_list[split]) for split in ("train", "test")}
+MNIST_GZ_MD5: dict[str, str] = dict(MNIST.resources)
+MNIST_MIRRORS: list[str] = list(MNIST.mirrors)
+
+IMAGE_SIZE = 32
+
+
+class DataError(Exception):
+    """A dataset problem the user can fix; the message is one line that says what to do."""
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One file that was loaded, for the results record."""
+
+    path: str
+    md5: str
+    verified: bool  # byte-identical to the official release
+
+
+@dataclass
+class DigitsSplit:
+    """A whole split on the training device: images uint8 (N, 3, 32, 32), labels int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass
+class Digits:
+    """Source (SVHN) and target (MNIST) splits, plus the files they came from."""
+
+    source_train: DigitsSplit
+    source_test: DigitsSplit
+    target_train: DigitsSplit
+    target_test: DigitsSplit
+    files: list[DataFile]
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]; the same as ToTensor + Normalize(mean=0.5, std=0.5)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+class BatchStream:
+    """An endless stream of random index batches over a split, drawn on the device.
+
+    Each pass is a fresh permutation (sampling without replacement); the incomplete tail of a pass is
+    dropped so every batch has the same size. Source and target use two independent streams.
+    """
+
+    def __init__(self, size: int, batch_size: int, device: torch.device, seed: int):
+        if batch_size > size:
+            raise DataError(f"--batch-size {batch_size} is larger than a training set of {size} images; lower it")
+        self.size, self.batch_size = size, batch_size
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.device = device
+        self._reshuffle()
+
+    def _reshuffle(self) -> None:
+        self.order = torch.randperm(self.size, device=self.device, generator=self.generator)
+        self.position = 0
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.size:
+            self._reshuffle()
+        indices = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return indices
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking and downloading
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def _download(url: str, destination: Path, md5: str) -> None:
+    """torchvision's checksummed download (with progress), into a temp file renamed on success,
+    so an interrupted download never leaves a half file where a dataset file belongs."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent) as tmp:
+        download_url(url, tmp, destination.name, md5)
+        os.replace(Path(tmp) / destination.name, destination)
+
+
+def _download_error(url: str, destination: Path, error: Exception) -> DataError:
+    return DataError(
+        f"could not download {url} to {destination} ({error}); without network, copy the file there "
+        f"by hand from another machine and rerun with --no-download"
+    )
+
+
+def _check(path: Path, md5: str, expected: str, allow_unverified: bool) -> bool:
+    """True if the file is the official one; otherwise refuse, or warn when allowed."""
+    if md5 == expected:
+        return True
+    message = f"{path} is not the official release (md5 {md5}, expected {expected})"
+    if not allow_unverified:
+        raise DataError(f"{message}; delete it to download it again, or pass --allow-unverified-data to use it")
+    _warn(f"{message}; using it anyway (--allow-unverified-data)")
+    return False
+
+
+def _svhn_file(root: Path, split: str, allow_unverified: bool) -> DataFile:
+    url, filename, expected = SVHN_FILES[split]
+    path = root / "svhn" / filename
+    if not path.exists():
+        try:
+            _download(url, path, expected)
+        except (urllib.error.URLError, OSError, RuntimeError) as error:
+            raise _download_error(url, path, error) from error
+    md5 = calculate_md5(path)
+    return DataFile(str(path), md5, _check(path, md5, expected, allow_unverified))
+
+
+def _mnist_file(root: Path, stem: str, allow_unverified: bool) -> DataFile:
+    """The uncompressed IDX file; verified through the official .gz it was extracted from."""
+    raw_dir = root / "MNIST" / "raw"
+    path, gz = raw_dir / stem, raw_dir / f"{stem}.gz"
+    expected = MNIST_GZ_MD5[gz.name]
+    if not path.exists() and not gz.exists():
+        errors = []
+        for mirror in MNIST_MIRRORS:
+            try:
+                _download(mirror + gz.name, gz, expected)
+                break
+            except (urllib.error.URLError, OSError, RuntimeError) as error:
+                errors.append(error)
+        else:
+            raise _download_error(MNIST_MIRRORS[-1] + gz.name, gz, errors[-1])
+    if not path.exists():
+        extract_archive(str(gz), str(raw_dir))
+
+    md5 = calculate_md5(path)
+    if not gz.exists():
+        message = f"{path} cannot be verified: its official release {gz.name} (md5 {expected}) is not beside it"
+        if not allow_unverified:
+            raise DataError(f"{message}; put it there, or pass --allow-unverified-data to use the file as it is")
+        _warn(f"{message}; using it anyway (--allow-unverified-data)")
+        return DataFile(str(path), md5, False)
+    verified = _check(gz, calculate_md5(gz), expected, allow_unverified)
+    with gzip.open(gz, "rb") as compressed:
+        if _md5_bytes(compressed.read()) != md5:
+            message = f"{path} differs from the contents of {gz.name} beside it"
+            if not allow_unverified:
+                raise DataError(f"{message}; delete {path} to extract it again, or pass --allow-unverified-data")
+            _warn(f"{message}; using it anyway (--allow-unverified-data)")
+            verified = False
+    return DataFile(str(path), md5, verified)
+
+
+def _missing_files(root: Path) -> list[str]:
+    """Each dataset file that is absent, with where it comes from and where it belongs."""
+    missing = []
+    for url, filename, _ in SVHN_FILES.values():
+        if not (root / "svhn" / filename).exists():
+            missing.append(f"{root / 'svhn' / filename} (from {url})")
+    for gz_name in MNIST_GZ_MD5:
+        gz = root / "MNIST" / "raw" / gz_name
+        if not gz.exists() and not gz.with_suffix("").exists():
+            missing.append(f"{gz} (from {MNIST_MIRRORS[0]}{gz_name})")
+    return missing
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_svhn(path: str) -> tuple[np.ndarray, np.ndarray]:
+    import scipy.io  # torchvision's SVHN reads .mat files with scipy too
+
+    try:
+        mat = scipy.io.loadmat(path)
+    except Exception as error:  # scipy raises several types for a damaged file
+        raise DataError(f"{path} is not a readable SVHN .mat file ({error}); delete it and download it again")
+    if "X" not in mat or "y" not in mat:
+        raise DataError(f"{path} has no 'X' and 'y' arrays; it is not an SVHN file")
+    images, labels = mat["X"], mat["y"].astype(np.int64).reshape(-1)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[:3] != (32, 32, 3):
+        raise DataError(f"{path}: X must be uint8 (32, 32, 3, N), found {images.dtype} {images.shape}")
+    if images.shape[3] != labels.shape[0]:
+        raise DataError(f"{path}: {images.shape[3]} images but {labels.shape[0]} labels")
+    if labels.size and (labels.min() < 1 or labels.max() > 10):
+        raise DataError(f"{path}: labels must be 1..10, found {labels.min()}..{labels.max()}")
+    labels[labels == 10] = 0
+    return images.transpose(3, 2, 0, 1), labels  # (32, 32, 3, N) -> (N, 3, 32, 32)
+
+
+def _read_mnist(images_path: str, labels_path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        images, labels = read_image_file(images_path), read_label_file(labels_path)
+    except Exception as error:  # torchvision's reader asserts on a bad header
+        raise DataError(f"{images_path} / {labels_path}: not valid MNIST IDX files ({error!r}); delete and re-download")
+    if images.shape[1:] != (28, 28) or images.shape[0] != labels.shape[0]:
+        raise DataError(f"{images_path}: expected N x 28 x 28 images matching {labels.shape[0]} labels, found {tuple(images.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{labels_path}: labels must be 0..9")
+    return images, labels
+
+
+def _mnist_to_32x32_rgb(images: torch.Tensor) -> torch.Tensor:
+    """(N, 28, 28) uint8 -> (N, 3, 32, 32) uint8: bilinear resize (as PIL's), grey repeated to RGB."""
+    resized = F.interpolate(images[:, None].float(), size=IMAGE_SIZE, mode="bilinear", align_corners=False, antialias=True)
+    return resized.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+
+
+def load_digits(
+    data_root: str | os.PathLike, download: bool, allow_unverified: bool, device: torch.device
+) -> Digits:
+    """Load SVHN (source) and MNIST (target), downloading what is missing unless told not to."""
+    root = Path(data_root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data-root {root} is not a directory")
+    missing = _missing_files(root)
+    if missing and not download:
+        raise DataError(
+            "missing dataset files (--no-download): " + "; ".join(missing) + ". Download them there, or drop --no-download"
+        )
+
+    files: list[DataFile] = []
+    svhn = {}
+    for split in ("train", "test"):
+        record = _svhn_file(root, split, allow_unverified)
+        files.append(record)
+        images, labels = _read_svhn(record.path)
+        svhn[split] = DigitsSplit(torch.from_numpy(np.ascontiguousarray(images)).to(device), torch.from_numpy(labels).to(device))
+
+    mnist = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        image_record = _mnist_file(root, f"{prefix}-images-idx3-ubyte", allow_unverified)
+        label_record = _mnist_file(root, f"{prefix}-labels-idx1-ubyte", allow_unverified)
+        files += [image_record, label_record]
+        images, labels = _read_mnist(image_record.path, label_record.path)
+        mnist[split] = DigitsSplit(_mnist_to_32x32_rgb(images.to(device)), labels.to(device))
+
+    return Digits(svhn["train"], svhn["test"], mnist["train"], mnist["test"], files)
