@@ -1,0 +1,83 @@
+"""Tiny SVHN (.mat) and MNIST (IDX, plain and .gz) files in torchvision's layout; nothing is downloaded."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {"svhn_train": 400, "svhn_test": 200, "mnist_train": 300, "mnist_test": 200}
+
+
+def _digit_patterns(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(N, size, size) uint8 images a CNN can learn: class k is a bright bar at a class-specific column."""
+    images = rng.integers(0, 60, size=(len(labels), size, size), dtype=np.uint8)
+    width = size // 10
+    for i, label in enumerate(labels):
+        images[i, 2:-2, label * width : label * width + width] = rng.integers(180, 256)
+    return images
+
+
+def write_svhn(path: Path, n: int, rng: np.random.Generator) -> np.ndarray:
+    """An SVHN-format .mat: X (32, 32, 3, N) uint8, y (N, 1) with labels 1..10 (10 = digit 0)."""
+    digits = rng.integers(0, 10, size=n)
+    grey = _digit_patterns(digits, 32, rng)  # (N, 32, 32)
+    tint = rng.uniform(0.5, 1.0, size=(n, 1, 1, 3))
+    X = (grey[..., None] * tint).astype(np.uint8).transpose(1, 2, 3, 0)  # -> (32, 32, 3, N)
+    y = np.where(digits == 0, 10, digits).astype(np.uint8)[:, None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(path, {"X": X, "y": y})
+    return digits
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX (LeCun) format of a uint8 array: magic 0x0000 08 ndim, big-endian sizes, then the data."""
+    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, with_gz: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = idx_bytes(array)
+    path.write_bytes(data)
+    if with_gz:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(data, mtime=0))
+
+
+def make_digits_root(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """Writes all six files under root; returns the true digit labels of each split."""
+    rng = np.random.default_rng(seed)
+    labels = {
+        "svhn_train": write_svhn(root / "svhn" / "train_32x32.mat", SIZES["svhn_train"], rng),
+        "svhn_test": write_svhn(root / "svhn" / "test_32x32.mat", SIZES["svhn_test"], rng),
+    }
+    raw = root / "MNIST" / "raw"
+    for split, prefix in (("mnist_train", "train"), ("mnist_test", "t10k")):
+        digits = rng.integers(0, 10, size=SIZES[split])
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", _digit_patterns(digits, 28, rng))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", digits.astype(np.uint8))
+        labels[split] = digits
+    return labels
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only-by-convention fixture data root shared by the whole session."""
+    root = tmp_path_factory.mktemp("digits")
+    make_digits_root(root)
+    return root
+
+
+@pytest.fixture()
+def fresh_root(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A private data root a test may damage, with its true labels."""
+    root = tmp_path / "data"
+    return root, make_digits_root(root)

@@ -1,0 +1,156 @@
+"""main.py and plot_results.py as a user runs them: real subprocesses on fixture files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as main_module
+from train import CSV_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def _train_args(data_root: Path, csv_path: Path, *extra: str) -> list[str]:
+    return ["--data-root", str(data_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
+            "--epochs", "2", "--iters-per-epoch", "3", "--batch-size", "8", "--csv", str(csv_path), *extra]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_train_then_plot_end_to_end(digits_root, tmp_path):
+    csv_path = tmp_path / "out" / "results.csv"  # the folder does not exist yet
+    result = run("main.py", *_train_args(digits_root, csv_path, "--num-k", "2"))
+    assert result.returncode == 0, result.stderr
+
+    assert csv_path.read_text().splitlines()[0] == ",".join(CSV_COLUMNS)
+    rows = _rows(csv_path)
+    assert [r["epoch"] for r in rows] == ["1", "2"] and [r["iterations"] for r in rows] == ["3", "6"]
+    for row in rows:
+        assert all(row[c] != "" for c in CSV_COLUMNS)  # MCD fills the discrepancy columns
+        assert 0 <= float(row["target_acc_ensemble"]) <= 100 and float(row["discrepancy_b"]) >= 0
+    assert float(rows[1]["seconds"]) > float(rows[0]["seconds"]) > 0
+    assert "epoch   2/2" in result.stdout
+
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert record["config"]["num_k"] == 2 and record["config"]["method"] == "mcd"
+    assert record["config"]["lr"] == 2e-4 and record["config"]["weight_decay"] == 5e-4
+    assert record["torch"] == torch.__version__ and record["epochs_completed"] == 2
+    assert len(record["data_files"]) == 6 and all(len(f["md5"]) == 32 for f in record["data_files"])
+    assert set(record["final_row"]) == set(CSV_COLUMNS)
+    for column in CSV_COLUMNS:  # the JSON's final row is the CSV's last row (the CSV keeps 6 digits)
+        assert float(rows[-1][column]) == pytest.approx(record["final_row"][column], rel=1e-5), column
+
+    png = tmp_path / "curves.png"
+    result = run("plot_results.py", str(csv_path), "--out", str(png))
+    assert result.returncode == 0, result.stderr
+    data = png.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
+
+
+def test_source_only_leaves_discrepancy_empty(digits_root, tmp_path):
+    csv_path = tmp_path / "source_only.csv"
+    assert main_module.main(_train_args(digits_root, csv_path, "--method", "source_only")) == 0
+    rows = _rows(csv_path)
+    assert len(rows) == 2
+    assert all(r["discrepancy_b"] == "" and r["discrepancy_c"] == "" and r["loss_source"] != "" for r in rows)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--num-k", "0"], "--num-k"),
+        (["--iters-per-epoch", "0"], "--iters-per-epoch"),
+        (["--lr", "0"], "--lr"),
+        (["--method", "dann"], "--method"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_invalid_flags_are_argparse_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main_module.main(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_but_absent(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main_module.main(["--device", "cuda"])
+    assert exit_info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_missing_data_offline_is_one_line_and_writes_nothing(tmp_path):
+    csv_path = tmp_path / "results.csv"
+    result = run("main.py", "--data-root", str(tmp_path / "empty"), "--no-download", "--device", "cpu", "--csv", str(csv_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: missing dataset files") and "Traceback" not in result.stderr
+    assert not csv_path.exists()
+
+
+def test_checksum_refusal_from_the_command_line(digits_root, tmp_path, capsys):
+    args = [a for a in _train_args(digits_root, tmp_path / "r.csv") if a != "--allow-unverified-data"]
+    assert main_module.main(args) == 2
+    err = capsys.readouterr().err
+    assert "is not the official release" in err and "--allow-unverified-data" in err
+    assert not (tmp_path / "r.csv").exists()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_plot_errors_are_one_line_exit_1(tmp_path):
+    header = ",".join(CSV_COLUMNS)
+    cases = {
+        "missing": tmp_path / "nope.csv",
+        "empty": _write(tmp_path / "empty.csv", ""),
+        "foreign": _write(tmp_path / "foreign.csv", "a,b,c\n1,2,3\n"),
+        "header only": _write(tmp_path / "header.csv", header + "\n"),
+        "truncated": _write(tmp_path / "trunc.csv", header + "\n1,3,0.5,2.3,0.1,0.1,55.0\n"),
+        "not numbers": _write(tmp_path / "text.csv", header + "\n1,3,0.5,2.3,0.1,0.1,abc,1,1,1\n"),
+    }
+    for name, path in cases.items():
+        result = run("plot_results.py", str(path), "--out", str(tmp_path / "x.png"))
+        assert result.returncode == 1, name
+        assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
+        assert str(path) in result.stderr, name
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_several_files_and_never_imports_torch(tmp_path):
+    header = ",".join(CSV_COLUMNS)
+    a = _write(tmp_path / "mcd.csv", header + "\n1,3,1.0,2.0,0.1,0.1,50,40,41,42\n2,6,2.0,1.0,0.1,0.1,60,50,51,52\n")
+    b = _write(tmp_path / "source_only.csv", header + "\n1,3,1.0,2.0,,,50,30,31,32\n2,6,2.0,1.0,,,60,33,34,35\n")
+    code = (
+        "import sys, plot_results; rc = plot_results.main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'plot_results imported torch'; sys.exit(rc)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(a), str(b)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "mcd.png").read_bytes()[:8] == PNG_MAGIC  # default output: first CSV's stem
+
+
+def test_plot_unwritable_output(tmp_path):
+    header = ",".join(CSV_COLUMNS)
+    a = _write(tmp_path / "r.csv", header + "\n1,3,1.0,2.0,0.1,0.1,50,40,41,42\n")
+    result = run("plot_results.py", str(a), "--out", str(tmp_path / "no" / "such" / "dir" / "x.png"))
+    assert result.returncode == 1 and result.stderr.startswith("error: cannot write")
