@@ -12,7 +12,7 @@ import sys
 import torch
 
 from datasets import DataError
-from train import METHODS, Config, train
+from train import METHODS, Config, OutputError, train
 
 
 def _positive_int(text: str) -> int:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         train(config)
-    except DataError as error:
+    except (DataError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from itertools import chain
@@ -255,7 +254,6 @@ class ResultsWriter:
     def __init__(self, config: Config, record: dict):
         self.csv_path = Path(config.csv)
         self.json_path = self.csv_path.with_suffix(".json")
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         self.record = record
         self.file = open(self.csv_path, "w", newline="")
         self.writer = csv.writer(self.file)
@@ -281,12 +279,28 @@ class ResultsWriter:
         self.file.close()
 
 
+class OutputError(Exception):
+    """The results cannot be written where asked; the message is one line that says what to do."""
+
+
+def check_output(csv_path: Path) -> None:
+    """Fail before any data is loaded or time spent if the results cannot be written (a missing folder is created)."""
+    try:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"--csv {csv_path}: cannot create its folder ({error.strerror}); choose another path")
+    if csv_path.is_dir():
+        raise OutputError(f"--csv {csv_path} is a directory; give a file name such as {csv_path / 'results.csv'}")
+    for path in (csv_path, csv_path.with_suffix(".json")):
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise OutputError(f"--csv {csv_path}: {path} is not writable; choose another path")
+
+
 def run_record(config: Config, files: list[DataFile], device: torch.device, iterations: int) -> dict:
     """What results.json holds besides the rows: how to reproduce the run and what it ran on."""
     return {
         "config": asdict(config),
         "iterations_per_epoch": iterations,
-        "command": sys.argv,
         "device": device_name(device),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -299,6 +313,7 @@ def run_record(config: Config, files: list[DataFile], device: torch.device, iter
 
 def train(config: Config) -> dict[str, float | int | None]:
     """Train as configured, writing one CSV row per epoch; returns the last row (the result)."""
+    check_output(Path(config.csv))
     device = torch.device(config.device)
     torch.manual_seed(config.seed)  # model init and dropout masks, on every device
     data = load_digits(config.data_root, config.download, config.allow_unverified_data, device)

@@ -154,3 +154,12 @@ def test_plot_unwritable_output(tmp_path):
     a = _write(tmp_path / "r.csv", header + "\n1,3,1.0,2.0,0.1,0.1,50,40,41,42\n")
     result = run("plot_results.py", str(a), "--out", str(tmp_path / "no" / "such" / "dir" / "x.png"))
     assert result.returncode == 1 and result.stderr.startswith("error: cannot write")
+
+
+def test_unwritable_output_is_refused_before_training(digits_root, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main_module.main(_train_args(digits_root, blocker / "results.csv")) == 2
+    assert "--csv" in capsys.readouterr().err
+    assert main_module.main(_train_args(digits_root, tmp_path)) == 2  # a directory, not a file
+    assert "is a directory" in capsys.readouterr().err
