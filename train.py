@@ -190,6 +190,8 @@ class LiveLosses:
         self.pending: tuple[list[str], int, torch.Tensor, torch.cuda.Event | None] | None = None
 
     def update(self, step: int, totals: dict[str, torch.Tensor]) -> None:
+        if self.bar.disable:  # no terminal, no bar: nothing to copy
+            return
         if self.pending is not None:
             names, count, host, event = self.pending
             if event is None or event.query():

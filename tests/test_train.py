@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from datasets import BatchStream, DigitsSplit, load_digits, to_model_input
-from train import MCD, Config, SourceOnly, discrepancy, train_epoch
+from train import MCD, Config, LiveLosses, SourceOnly, discrepancy, train_epoch
 
 CPU = torch.device("cpu")
 
@@ -136,3 +136,27 @@ def test_source_only_learning_is_real(digits_root):
     assert before < 30  # chance is 10%
     assert after > 60, f"source accuracy {after:.1f}% after 30 iterations"
     assert losses["loss_source"] > 0
+
+
+def test_live_losses_show_running_means_on_the_bar():
+    class Bar:
+        disable = False
+        postfix: dict = {}
+
+        def set_postfix(self, values, refresh):
+            self.postfix = values
+
+    bar = Bar()
+    live = LiveLosses(bar, CPU, every=2)
+    totals = {"loss_source": torch.tensor(3.0)}
+    live.update(0, totals)  # step 0: copy the sum of 1 step
+    totals = {"loss_source": torch.tensor(5.0)}
+    live.update(1, totals)  # the copy has landed: show 3.0 / 1
+    assert bar.postfix == {"loss_source": "3.0000"}
+    live.update(2, {"loss_source": torch.tensor(9.0)})  # step 2: copy the sum of 3 steps
+    live.update(3, {"loss_source": torch.tensor(12.0)})
+    assert bar.postfix == {"loss_source": "3.0000"}  # 9 / 3
+    bar.disable, bar.postfix = True, {}
+    live.update(4, totals)
+    live.update(5, totals)
+    assert bar.postfix == {}
