@@ -131,15 +131,19 @@ def _download_error(url: str, destination: Path, error: Exception) -> DataError:
     )
 
 
-def _check(path: Path, md5: str, expected: str, allow_unverified: bool) -> bool:
-    """True if the file is the official one; otherwise refuse, or warn when allowed."""
-    if md5 == expected:
-        return True
-    message = f"{path} is not the official release (md5 {md5}, expected {expected})"
+def _unverified(message: str, fix: str, allow_unverified: bool) -> bool:
+    """Refuse a file that is not the official one, saying what to do; or, when allowed, warn and go on.
+    Returns False: the file is not verified."""
     if not allow_unverified:
-        raise DataError(f"{message}; delete it to download it again, or pass --allow-unverified-data to use it")
+        raise DataError(f"{message}; {fix}, or pass --allow-unverified-data to use it as it is")
     _warn(f"{message}; using it anyway (--allow-unverified-data)")
     return False
+
+
+def _check_md5(path: Path, md5: str, expected: str, allow_unverified: bool) -> bool:
+    """True if the file is byte-identical to the official release."""
+    message = f"{path} is not the official release (md5 {md5}, expected {expected})"
+    return md5 == expected or _unverified(message, "delete it to download it again", allow_unverified)
 
 
 def _svhn_file(root: Path, split: str, allow_unverified: bool) -> DataFile:
@@ -151,7 +155,7 @@ def _svhn_file(root: Path, split: str, allow_unverified: bool) -> DataFile:
         except (urllib.error.URLError, OSError, RuntimeError) as error:
             raise _download_error(url, path, error) from error
     md5 = calculate_md5(path)
-    return DataFile(str(path), md5, _check(path, md5, expected, allow_unverified))
+    return DataFile(str(path), md5, _check_md5(path, md5, expected, allow_unverified))
 
 
 def _mnist_file(root: Path, stem: str, allow_unverified: bool) -> DataFile:
@@ -160,33 +164,33 @@ def _mnist_file(root: Path, stem: str, allow_unverified: bool) -> DataFile:
     path, gz = raw_dir / stem, raw_dir / f"{stem}.gz"
     expected = MNIST_GZ_MD5[gz.name]
     if not path.exists() and not gz.exists():
-        errors = []
-        for mirror in MNIST_MIRRORS:
+        urls = [mirror + gz.name for mirror in MNIST_MIRRORS]
+        for url in urls:  # torchvision's mirrors, in its order
             try:
-                _download(mirror + gz.name, gz, expected)
+                _download(url, gz, expected)
                 break
             except (urllib.error.URLError, OSError, RuntimeError) as error:
-                errors.append(error)
+                last_error = error
         else:
-            raise _download_error(MNIST_MIRRORS[-1] + gz.name, gz, errors[-1])
-    if not path.exists():
-        extract_archive(str(gz), str(raw_dir))
+            raise _download_error(" or ".join(urls), gz, last_error)
+    try:
+        if not path.exists():
+            extract_archive(str(gz), str(raw_dir))
+        contents_md5 = None
+        if gz.exists():
+            with gzip.open(gz, "rb") as compressed:
+                contents_md5 = _md5_bytes(compressed.read())
+    except (OSError, EOFError) as error:
+        raise DataError(f"{gz} is not a valid .gz file ({error}); delete it to download it again") from error
 
     md5 = calculate_md5(path)
-    if not gz.exists():
+    if contents_md5 is None:
         message = f"{path} cannot be verified: its official release {gz.name} (md5 {expected}) is not beside it"
-        if not allow_unverified:
-            raise DataError(f"{message}; put it there, or pass --allow-unverified-data to use the file as it is")
-        _warn(f"{message}; using it anyway (--allow-unverified-data)")
-        return DataFile(str(path), md5, False)
-    verified = _check(gz, calculate_md5(gz), expected, allow_unverified)
-    with gzip.open(gz, "rb") as compressed:
-        if _md5_bytes(compressed.read()) != md5:
-            message = f"{path} differs from the contents of {gz.name} beside it"
-            if not allow_unverified:
-                raise DataError(f"{message}; delete {path} to extract it again, or pass --allow-unverified-data")
-            _warn(f"{message}; using it anyway (--allow-unverified-data)")
-            verified = False
+        return DataFile(str(path), md5, _unverified(message, "put that file there", allow_unverified))
+    verified = _check_md5(gz, calculate_md5(gz), expected, allow_unverified)
+    if contents_md5 != md5:
+        message = f"{path} differs from the contents of {gz.name} beside it"
+        verified = _unverified(message, f"delete {path.name} to extract it again", allow_unverified)
     return DataFile(str(path), md5, verified)
 
 

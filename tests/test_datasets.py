@@ -224,3 +224,21 @@ def test_batch_larger_than_training_set_is_refused():
 def test_gz_fixture_matches_plain_file(digits_root):
     raw = digits_root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
     assert gzip.decompress(raw.with_name(raw.name + ".gz").read_bytes()) == raw.read_bytes()
+
+
+def test_corrupt_gz_is_a_clear_error(fresh_root):
+    root, _ = fresh_root
+    raw = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    raw.unlink()
+    raw.with_name(raw.name + ".gz").write_bytes(b"this is not gzip")
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz is not a valid .gz file"):
+        _load(root)
+
+
+def test_wrong_idx_magic_is_a_clear_error(fresh_root):
+    root, _ = fresh_root
+    for path in (root / "MNIST" / "raw").glob("t10k-images-idx3-ubyte*"):
+        path.unlink()
+    (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x00\x00" + bytes(100))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
+        _load(root)
