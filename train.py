@@ -313,6 +313,18 @@ def run_record(config: Config, files: list[DataFile], device: torch.device, iter
     }
 
 
+def summary_line(row: dict[str, float | int | None], epochs: int) -> str:
+    """The one-line report of an epoch's CSV row."""
+    discrepancies = "" if row["discrepancy_b"] is None else (
+        f" d_B {row['discrepancy_b']:.4f} d_C {row['discrepancy_c']:.4f}"
+    )
+    return (
+        f"epoch {row['epoch']:3d}/{epochs} | loss {row['loss_source']:.4f}{discrepancies} | "
+        f"source {row['source_acc']:.2f}% | target F1 {row['target_acc_f1']:.2f}% F2 {row['target_acc_f2']:.2f}% "
+        f"ensemble {row['target_acc_ensemble']:.2f}% | {row['seconds']:.1f}s"
+    )
+
+
 def train(config: Config) -> dict[str, float | int | None]:
     """Train as configured, writing one CSV row per epoch; returns the last row (the result)."""
     check_output(Path(config.csv))
@@ -357,14 +369,7 @@ def train(config: Config) -> dict[str, float | int | None]:
                 "target_acc_ensemble": target_ensemble,
             }
             writer.append(row)
-            discrepancies = "" if "discrepancy_b" not in losses else (
-                f" d_B {losses['discrepancy_b']:.4f} d_C {losses['discrepancy_c']:.4f}"
-            )
-            print(
-                f"epoch {epoch:3d}/{config.epochs} | loss {losses['loss_source']:.4f}{discrepancies} | "
-                f"source {source_acc:.2f}% | target F1 {target_f1:.2f}% F2 {target_f2:.2f}% "
-                f"ensemble {target_ensemble:.2f}% | {seconds:.1f}s"
-            )
+            print(summary_line(row, config.epochs))
     finally:
         writer.close()
     return row
