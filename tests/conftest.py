@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -66,6 +67,17 @@ def make_digits_root(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", digits.astype(np.uint8))
         labels[split] = digits
     return labels
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never touch the network: any connection attempt in this process fails the test loudly."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -242,3 +242,10 @@ def test_wrong_idx_magic_is_a_clear_error(fresh_root):
     (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x00\x00" + bytes(100))
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
         _load(root)
+
+
+def test_the_suite_cannot_reach_the_network():
+    import urllib.request
+
+    with pytest.raises(AssertionError, match="network"):
+        urllib.request.urlopen("http://ufldl.stanford.edu/housenumbers/", timeout=1)
