@@ -291,6 +291,8 @@ def check_output(csv_path: Path) -> None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"--csv {csv_path}: cannot create its folder ({error.strerror}); choose another path")
+    if csv_path.suffix == ".json":
+        raise OutputError(f"--csv {csv_path}: the results record is written beside the CSV as .json; name the CSV *.csv")
     if csv_path.is_dir():
         raise OutputError(f"--csv {csv_path} is a directory; give a file name such as {csv_path / 'results.csv'}")
     for path in (csv_path, csv_path.with_suffix(".json")):

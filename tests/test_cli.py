@@ -163,3 +163,5 @@ def test_unwritable_output_is_refused_before_training(digits_root, tmp_path, cap
     assert "--csv" in capsys.readouterr().err
     assert main_module.main(_train_args(digits_root, tmp_path)) == 2  # a directory, not a file
     assert "is a directory" in capsys.readouterr().err
+    assert main_module.main(_train_args(digits_root, tmp_path / "results.json")) == 2  # would collide with the record
+    assert "name the CSV *.csv" in capsys.readouterr().err
