@@ -250,12 +250,17 @@ def _format(value: float | int | None) -> str:
     return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
+def record_path(csv_path: Path) -> Path:
+    """results.json beside the CSV, with the same stem."""
+    return csv_path.with_suffix(".json")
+
+
 class ResultsWriter:
     """The per-epoch CSV (one flushed row per epoch) and results.json beside it (same stem)."""
 
     def __init__(self, config: Config, record: dict):
         self.csv_path = Path(config.csv)
-        self.json_path = self.csv_path.with_suffix(".json")
+        self.json_path = record_path(self.csv_path)
         self.record = record
         self.file = open(self.csv_path, "w", newline="")
         self.writer = csv.writer(self.file)
@@ -295,7 +300,7 @@ def check_output(csv_path: Path) -> None:
         raise OutputError(f"--csv {csv_path}: the results record is written beside the CSV as .json; name the CSV *.csv")
     if csv_path.is_dir():
         raise OutputError(f"--csv {csv_path} is a directory; give a file name such as {csv_path / 'results.csv'}")
-    for path in (csv_path, csv_path.with_suffix(".json")):
+    for path in (csv_path, record_path(csv_path)):
         if not os.access(path if path.exists() else path.parent, os.W_OK):
             raise OutputError(f"--csv {csv_path}: {path} is not writable; choose another path")
 
