@@ -12,7 +12,17 @@ import sys
 import torch
 
 from datasets import DataError
-from train import METHODS, Config, OutputError, train
+from train import METHODS, PRECISIONS, Config, OutputError, train
+
+
+SWITCH = ("auto", "on", "off")
+# What 'auto' means on CUDA, from the measurements in the README's Speed section.
+AUTO_COMPILE_ON_CUDA = False
+AUTO_CHANNELS_LAST_ON_CUDA = False
+
+
+def _auto(on_cuda: bool) -> str:
+    return "on for CUDA" if on_cuda else "off"
 
 
 def _positive_int(text: str) -> int:
@@ -62,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: cuda if available, else mps, else cpu")
     add("--csv", default=defaults.csv, help="per-epoch results; results.json is written beside it")
     add("--eval-batch-size", type=_positive_int, default=defaults.eval_batch_size, help="images per evaluation chunk")
+    speed = parser.add_argument_group("speed (none of these changes the mathematics; see README 'Speed')")
+    speed.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                       help="auto: bf16 on CUDA, fp32 elsewhere. fp32 is exact (TF32 off); tf32 uses TF32 "
+                            "matrix units; bf16 autocasts convolutions and matrix products, losses stay fp32")
+    speed.add_argument("--cuda-graph", choices=SWITCH, default="auto",
+                       help="capture the whole training iteration once as a CUDA graph and replay it "
+                            "(auto: on for CUDA)")
+    speed.add_argument("--compile", choices=SWITCH, default="auto",
+                       help=f"torch.compile the training forward passes (auto: {_auto(AUTO_COMPILE_ON_CUDA)})")
+    speed.add_argument("--channels-last", choices=SWITCH, default="auto",
+                       help=f"NHWC images and convolution weights (auto: {_auto(AUTO_CHANNELS_LAST_ON_CUDA)})")
     return parser
 
 
@@ -76,9 +97,24 @@ def resolve_device(requested: str, parser: argparse.ArgumentParser) -> str:
     return requested
 
 
+def resolve_speed(args: argparse.Namespace, device: str, parser: argparse.ArgumentParser) -> dict:
+    """The speed switches for this device: 'auto' becomes the measured-fastest choice (README 'Speed')."""
+    cuda = device.startswith("cuda")
+    if args.cuda_graph == "on" and not cuda:
+        parser.error(f"--cuda-graph on needs a CUDA device, not {device}; use --cuda-graph off or auto")
+    pick = lambda switch, auto: auto if switch == "auto" else switch == "on"  # noqa: E731
+    return {
+        "precision": ("bf16" if cuda else "fp32") if args.precision == "auto" else args.precision,
+        "cuda_graph": pick(args.cuda_graph, cuda),
+        "compile": pick(args.compile, cuda and AUTO_COMPILE_ON_CUDA),
+        "channels_last": pick(args.channels_last, cuda and AUTO_CHANNELS_LAST_ON_CUDA),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    device = resolve_device(args.device, parser)
     config = Config(
         epochs=args.epochs,
         iters_per_epoch=args.iters_per_epoch,
@@ -91,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         data_root=args.data_root,
         download=not args.no_download,
         allow_unverified_data=args.allow_unverified_data,
-        device=resolve_device(args.device, parser),
+        device=device,
         csv=args.csv,
         eval_batch_size=args.eval_batch_size,
+        **resolve_speed(args, device, parser),
     )
     try:
         train(config)

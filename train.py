@@ -6,12 +6,17 @@ One iteration on a source batch (xs, ys) and a target batch xt:
   C. heads fixed, G removes the disagreement:       min_G d(F1(G(xt)), F2(G(xt))), num_k times
 Source and target always go through G in separate forward passes, so BatchNorm sees per-domain batch
 statistics, as in the original code.
+
+Speed (CUDA) never changes what is computed: bf16 autocast for convolutions and matrix products with
+softmax, cross-entropy and d in fp32 (--precision fp32 is exact: TF32 off), fused Adam, and the whole
+iteration (batch gather, steps A, B, C, all optimiser updates) captured once as a CUDA graph and replayed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import platform
@@ -31,6 +36,7 @@ from datasets import BatchStream, DataFile, Digits, DigitsSplit, load_digits, to
 from models import build_models
 
 METHODS = ("mcd", "source_only")
+PRECISIONS = ("fp32", "tf32", "bf16")
 CSV_COLUMNS = (
     "epoch",
     "iterations",
@@ -63,6 +69,28 @@ class Config:
     device: str = "cpu"  # resolved by main.py: "cpu", "cuda", "cuda:1", "mps"
     csv: str = "results.csv"
     eval_batch_size: int = 2048
+    # Speed switches (resolved per device by main.py); none of them changes the mathematics.
+    precision: str = "fp32"  # one of PRECISIONS: fp32 exact (TF32 off), tf32, bf16 autocast with fp32 losses
+    cuda_graph: bool = False  # capture the whole iteration once and replay it (CUDA only)
+    compile: bool = False  # torch.compile the training forward passes of G, F1, F2
+    channels_last: bool = False  # NHWC images and conv weights
+
+
+def configure_backends(config: Config) -> None:
+    """Process-wide numerics for this run: TF32 only when precision allows it, cuDNN autotuning on CUDA."""
+    tf32 = config.precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = torch.device(config.device).type == "cuda"
+
+
+def speed_label(config: Config) -> str:
+    """How the iteration runs, in words, e.g. 'bf16, CUDA graph, compiled'."""
+    flags = [config.precision]
+    flags += ["CUDA graph"] if config.cuda_graph else []
+    flags += ["compiled"] if config.compile else []
+    flags += ["channels_last"] if config.channels_last else []
+    return ", ".join(flags)
 
 
 def discrepancy(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
@@ -87,14 +115,26 @@ class SourceOnly:
     """G, F1 and F2 trained on the labelled source only (step A alone): the paper's baseline row."""
 
     def __init__(self, config: Config, device: torch.device):
-        self.config = config
+        self.config, self.device = config, device
         self.G, self.F1, self.F2 = build_models(device)
+        if config.channels_last:
+            self.G.to(memory_format=torch.channels_last)
+        # The training forward passes, compiled when asked. Evaluation calls the eager modules: other
+        # batch shapes and eval mode would each cost a recompilation for a few milliseconds of work.
+        self.g, self.f1, self.f2 = (torch.compile(m) if config.compile else m for m in self.modules)
         # One Adam for G and one for both heads; Adam is per-parameter, so this equals the original's
         # separate optimisers for F1 and F2. weight_decay is Adam's L2 term, as in the original.
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.opt_f = torch.optim.Adam(
-            chain(self.F1.parameters(), self.F2.parameters()), lr=config.lr, weight_decay=config.weight_decay
+        # On CUDA the fused kernel (same update, one launch per step); capturable keeps the step count
+        # on the device so the update can be replayed inside a CUDA graph.
+        adam = functools.partial(
+            torch.optim.Adam,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=True if device.type == "cuda" else None,
+            capturable=config.cuda_graph,
         )
+        self.opt_g = adam(self.G.parameters())
+        self.opt_f = adam(chain(self.F1.parameters(), self.F2.parameters()))
 
     @property
     def modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -104,16 +144,35 @@ class SourceOnly:
         for module in self.modules:
             module.train(mode)
 
+    def autocast(self) -> torch.autocast:
+        """bf16 convolutions and matrix products when precision is bf16; a no-op otherwise. Losses take
+        .float() logits, so softmax, cross-entropy and d stay fp32. cache_enabled=False: the cast-weight
+        cache must not outlive a CUDA graph capture (PyTorch's advice for autocast under graphs)."""
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16", cache_enabled=False
+        )
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 32, 32) uint8 -> the model's input in [-1, 1], in G's memory format."""
+        x = to_model_input(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 32, 32) -> (B, 3072): G's training forward pass."""
+        with self.autocast():
+            return self.g(x)
+
     def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3072) features -> the logits of F1 and F2, each (B, 10)."""
-        return self.F1(features), self.F2(features)
+        with self.autocast():
+            return self.f1(features), self.f2(features)
 
     def source_loss(self, logits: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits[0].float(), labels) + F.cross_entropy(logits[1].float(), labels)
 
     def step_a(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """A: G, F1, F2 minimise the source cross-entropy of both heads."""
-        loss = self.source_loss(self.heads(self.G(xs)), ys)
+        loss = self.source_loss(self.heads(self.features(xs)), ys)
         self.opt_g.zero_grad()
         self.opt_f.zero_grad()
         loss.backward()
@@ -131,9 +190,11 @@ class SourceOnly:
         self.train_mode(False)
         correct = torch.zeros(3, dtype=torch.long, device=split.labels.device)
         for start in range(0, len(split), chunk_size):
-            x = to_model_input(split.images[start : start + chunk_size])
+            x = self.inputs(split.images[start : start + chunk_size])
             y = split.labels[start : start + chunk_size]
-            logits1, logits2 = self.heads(self.G(x))
+            with self.autocast():
+                features = self.G(x)
+                logits1, logits2 = self.F1(features).float(), self.F2(features).float()
             predictions = torch.stack([logits1.argmax(1), logits2.argmax(1), (logits1 + logits2).argmax(1)])
             correct += (predictions == y).sum(dim=1)
         self.train_mode(True)
@@ -149,7 +210,7 @@ class MCD(SourceOnly):
         # G is fixed, so its outputs are constants: no graph through G, no wasted backward.
         # Training mode still applies dropout and updates G's BatchNorm statistics, as the original.
         with torch.no_grad():
-            features_s, features_t = self.G(xs), self.G(xt)
+            features_s, features_t = self.features(xs), self.features(xt)
         source_loss = self.source_loss(self.heads(features_s), ys)
         d = discrepancy(*self.heads(features_t))
         loss = source_loss - d
@@ -163,7 +224,7 @@ class MCD(SourceOnly):
         total = torch.zeros((), device=xt.device)
         with frozen(self.F1, self.F2):
             for _ in range(self.config.num_k):
-                d = discrepancy(*self.heads(self.G(xt)))
+                d = discrepancy(*self.heads(self.features(xt)))
                 self.opt_g.zero_grad()
                 d.backward()
                 self.opt_g.step()
@@ -208,25 +269,90 @@ class LiveLosses:
             self.pending = (list(totals), step + 1, host, event)
 
 
+class TrainStep:
+    """One training iteration from two (B,) index batches: gather the images on the device, model.update.
+
+    With config.cuda_graph the first WARMUP iterations run eagerly on a side stream (cuDNN autotuning,
+    compilation, the optimisers' lazy state), the next is captured into a CUDA graph, and from then on an
+    iteration is two index copies into the captured buffers and one replay: no Python, no launch gaps.
+    Every iteration, the captured ones included, is a real training step; dropout masks still change
+    each replay (PyTorch advances the graph's RNG offset), and the losses come back in static tensors.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, model: SourceOnly, source: DigitsSplit, target: DigitsSplit):
+        self.model, self.source, self.target = model, source, target
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_seconds = 0.0
+        if model.config.cuda_graph:
+            self.side_stream = torch.cuda.Stream(model.device)
+
+    def iteration(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        xs = self.model.inputs(self.source.images[s])  # (B, 3, 32, 32) in [-1, 1]
+        ys = self.source.labels[s]
+        xt = self.model.inputs(self.target.images[t])  # target labels are never used
+        return self.model.update(xs, ys, xt)
+
+    def __call__(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if not self.model.config.cuda_graph:
+            return self.iteration(s, t)
+        if self.graph is None and self.calls <= self.WARMUP:
+            current = torch.cuda.current_stream(self.model.device)
+            self.side_stream.wait_stream(current)
+            with torch.cuda.stream(self.side_stream):
+                losses = self.iteration(s, t)
+            current.wait_stream(self.side_stream)
+            return losses
+        if self.graph is None:
+            self._capture(s, t)
+        self.static_s.copy_(s)
+        self.static_t.copy_(t)
+        self.graph.replay()
+        return self.static_losses
+
+    def _capture(self, s: torch.Tensor, t: torch.Tensor) -> None:
+        """Record one iteration (capturing runs nothing: the replay that follows is this iteration)."""
+        start = time.perf_counter()
+        self.static_s, self.static_t = s.clone(), t.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_losses = self.iteration(self.static_s, self.static_t)
+        self.graph = graph
+        _synchronize(self.model.device)
+        self.capture_seconds = time.perf_counter() - start
+
+
 def train_epoch(
-    model: SourceOnly, data: Digits, streams: tuple[BatchStream, BatchStream], iterations: int, desc: str
+    step: TrainStep, streams: tuple[BatchStream, BatchStream], iterations: int, desc: str
 ) -> dict[str, float]:
     """`iterations` training steps; returns each loss averaged over the epoch (one host read, at the end)."""
     source_stream, target_stream = streams
     totals: dict[str, torch.Tensor] = {}
     bar = tqdm(range(iterations), desc=desc, leave=False, dynamic_ncols=True, disable=None)
-    live = LiveLosses(bar, data.source_train.labels.device)
-    for step in bar:
-        s, t = source_stream.next(), target_stream.next()  # (B,) index tensors on the device
-        xs = to_model_input(data.source_train.images[s])  # (B, 3, 32, 32) in [-1, 1]
-        ys = data.source_train.labels[s]
-        xt = to_model_input(data.target_train.images[t])  # target labels are never used
-        for name, value in model.update(xs, ys, xt).items():
+    live = LiveLosses(bar, step.model.device)
+    for i in bar:
+        losses = step(source_stream.next(), target_stream.next())  # (B,) index tensors on the device
+        for name, value in losses.items():
             totals[name] = totals[name] + value if name in totals else value.clone()
-        live.update(step, totals)
+        live.update(i, totals)
     bar.close()
     means = torch.stack(list(totals.values())) / iterations
     return dict(zip(totals, means.tolist()))
+
+
+def evaluate_all(model: SourceOnly, data: Digits, chunk_size: int) -> dict[str, float]:
+    """The CSV's accuracy columns: source test (ensemble) and target test (F1, F2, ensemble)."""
+    _, _, source_acc = model.evaluate(data.source_test, chunk_size)
+    target_f1, target_f2, target_ensemble = model.evaluate(data.target_test, chunk_size)
+    return {
+        "source_acc": source_acc,
+        "target_acc_f1": target_f1,
+        "target_acc_f2": target_f2,
+        "target_acc_ensemble": target_ensemble,
+    }
 
 
 def device_name(device: torch.device) -> str:
@@ -336,6 +462,7 @@ def train(config: Config) -> dict[str, float | int | None]:
     """Train as configured, writing one CSV row per epoch; returns the last row (the result)."""
     check_output(Path(config.csv))
     device = torch.device(config.device)
+    configure_backends(config)
     torch.manual_seed(config.seed)  # model init and dropout masks, on every device
     data = load_digits(config.data_root, config.download, config.allow_unverified_data, device)
     # Two independent index streams; their seeds derive from the run's seed.
@@ -346,23 +473,21 @@ def train(config: Config) -> dict[str, float | int | None]:
     iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
     model = ALGORITHMS[config.method](config, device)
     model.train_mode(True)
+    step = TrainStep(model, data.source_train, data.target_train)
 
     writer = ResultsWriter(config, run_record(config, data.files, device, iterations))
     print(
         f"{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training images, "
-        f"{config.epochs} epochs x {iterations} iterations on {device_name(device)}"
+        f"{config.epochs} epochs x {iterations} iterations on {device_name(device)} ({speed_label(config)})"
     )
     seconds = 0.0
     row: dict[str, float | int | None] = {}
     try:
         for epoch in range(1, config.epochs + 1):
             start = time.perf_counter()
-            losses = train_epoch(model, data, streams, iterations, desc=f"epoch {epoch}/{config.epochs}")
+            losses = train_epoch(step, streams, iterations, desc=f"epoch {epoch}/{config.epochs}")
             _synchronize(device)
             seconds += time.perf_counter() - start  # training time only; evaluation is not counted
-
-            _, _, source_acc = model.evaluate(data.source_test, config.eval_batch_size)
-            target_f1, target_f2, target_ensemble = model.evaluate(data.target_test, config.eval_batch_size)
             row = {
                 "epoch": epoch,
                 "iterations": epoch * iterations,
@@ -370,10 +495,7 @@ def train(config: Config) -> dict[str, float | int | None]:
                 "loss_source": losses["loss_source"],
                 "discrepancy_b": losses.get("discrepancy_b"),
                 "discrepancy_c": losses.get("discrepancy_c"),
-                "source_acc": source_acc,
-                "target_acc_f1": target_f1,
-                "target_acc_f2": target_f2,
-                "target_acc_ensemble": target_ensemble,
+                **evaluate_all(model, data, config.eval_batch_size),
             }
             writer.append(row)
             print(summary_line(row, config.epochs))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from datasets import BatchStream, DigitsSplit, load_digits, to_model_input
-from train import MCD, Config, LiveLosses, SourceOnly, discrepancy, train_epoch
+from train import MCD, Config, LiveLosses, SourceOnly, TrainStep, discrepancy, train_epoch
 
 CPU = torch.device("cpu")
 
@@ -131,7 +131,7 @@ def test_source_only_learning_is_real(digits_root):
     model.train_mode(True)
     _, _, before = model.evaluate(data.source_test, 512)
     streams = (BatchStream(len(data.source_train), 32, CPU, 0), BatchStream(len(data.target_train), 32, CPU, 1))
-    losses = train_epoch(model, data, streams, iterations=30, desc="learning")
+    losses = train_epoch(TrainStep(model, data.source_train, data.target_train), streams, iterations=30, desc="learning")
     _, _, after = model.evaluate(data.source_test, 512)
     assert before < 30  # chance is 10%
     assert after > 60, f"source accuracy {after:.1f}% after 30 iterations"

@@ -1,0 +1,256 @@
+"""Time MCD training iterations on random data of the real shapes: no dataset needed.
+
+    python benchmark.py                         # the default fast path of this device
+    python benchmark.py --precision fp32 --cuda-graph off
+    python benchmark.py --full-epoch            # one real-size epoch (73,257 / 60,000 train images)
+                                                #   with its evaluation (26,032 / 10,000 test images)
+    python benchmark.py --sweep --out runs/speed.jsonl   # every variant, one subprocess each, a table
+
+Iterations are the exact training code (train.TrainStep: on-device batch gather, steps A, B, C, the
+optimisers). Warm-up (cuDNN autotuning, compilation) and CUDA-graph capture are timed apart and
+excluded from ms/iter; on CUDA the timed region is bracketed by CUDA events. Prints a table, then one
+JSON line with everything (device, torch, flags, ms/iter median and spread over repeats, images/s,
+peak memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from datasets import BatchStream, Digits, DigitsSplit
+from main import SWITCH, _positive_int, resolve_device, resolve_speed
+from train import ALGORITHMS, METHODS, PRECISIONS, Config, TrainStep, configure_backends, device_name
+from train import evaluate_all, speed_label, train_epoch
+
+# Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
+REAL_SIZES = {"source_train": 73_257, "source_test": 26_032, "target_train": 60_000, "target_test": 10_000}
+
+# --sweep: (precision, cuda graph, compile, channels_last), slowest first.
+SWEEP_CUDA = (
+    ("fp32", "off", "off", "off"),
+    ("bf16", "off", "off", "off"),
+    ("fp32", "on", "off", "off"),
+    ("tf32", "on", "off", "off"),
+    ("bf16", "on", "off", "off"),
+    ("bf16", "on", "off", "on"),
+    ("bf16", "on", "on", "off"),
+)
+SWEEP_CPU = (("fp32", "off", "off", "off"), ("bf16", "off", "off", "off"))
+
+
+def synthetic_digits(sizes: dict[str, int], device: torch.device, seed: int = 0) -> Digits:
+    """Random uint8 images (never zeros: they can run faster than real data) and random labels."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def split(n: int) -> DigitsSplit:
+        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device, generator=generator)
+        return DigitsSplit(images, torch.randint(0, 10, (n,), device=device, generator=generator))
+
+    return Digits(**{name: split(n) for name, n in sizes.items()}, files=[])
+
+
+class Timer:
+    """Elapsed seconds of the work queued in between: CUDA events on CUDA, the host clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "Timer":
+        if self.device.type == "cuda":
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.end_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
+        else:
+            self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.end_event.record()
+            self.end_event.synchronize()
+            self.seconds = self.start_event.elapsed_time(self.end_event) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.start
+
+
+def _setup(config: Config, sizes: dict[str, int]):
+    device = torch.device(config.device)
+    configure_backends(config)
+    torch.manual_seed(config.seed)
+    data = synthetic_digits(sizes, device)
+    streams = (
+        BatchStream(len(data.source_train), config.batch_size, device, seed=2 * config.seed),
+        BatchStream(len(data.target_train), config.batch_size, device, seed=2 * config.seed + 1),
+    )
+    model = ALGORITHMS[config.method](config, device)
+    model.train_mode(True)
+    return device, data, streams, model, TrainStep(model, data.source_train, data.target_train)
+
+
+def time_iterations(config: Config, iters: int, repeats: int, warmup: int) -> dict:
+    """ms per training iteration: `repeats` timed runs of `iters` iterations after `warmup` untimed ones."""
+    sizes = {name: 8 * config.batch_size for name in REAL_SIZES}  # a few batches: shapes are what count
+    device, data, streams, model, step = _setup(config, sizes)
+    with Timer(device) as setup:  # includes compilation and the graph capture
+        train_epoch(step, streams, max(warmup, TrainStep.WARMUP + 2), desc="warm-up")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = []
+    for _ in range(repeats):
+        with Timer(device) as timer:
+            losses = train_epoch(step, streams, iters, desc="timed")
+        ms.append(1000 * timer.seconds / iters)
+    return {
+        "ms_per_iter_median": statistics.median(ms),
+        "ms_per_iter_min": min(ms),
+        "ms_per_iter_max": max(ms),
+        "ms_per_iter_all": ms,
+        "images_per_s": 2 * config.batch_size * 1000 / statistics.median(ms),  # source + target images
+        "iters": iters,
+        "repeats": repeats,
+        "setup_s": setup.seconds,
+        "capture_s": step.capture_seconds,
+        "final_losses": losses,
+        **_memory(device),
+    }
+
+
+def time_full_epochs(config: Config, sizes: dict[str, int] = REAL_SIZES, epochs: int = 2) -> dict:
+    """Whole epochs at the real dataset sizes, training and evaluation each timed; the first epoch
+    includes warm-up, compilation and capture. The 50-epoch figure is epoch 1 + 49 later epochs."""
+    device, data, streams, model, step = _setup(config, sizes)
+    iterations = min(sizes["source_train"], sizes["target_train"]) // config.batch_size
+    train_s, eval_s = [], []
+    for epoch in range(epochs):
+        with Timer(device) as train_timer:
+            train_epoch(step, streams, iterations, desc=f"epoch {epoch + 1}")
+        with Timer(device) as eval_timer:
+            evaluate_all(model, data, config.eval_batch_size)
+        train_s.append(train_timer.seconds)
+        eval_s.append(eval_timer.seconds)
+    epoch_s = [t + e for t, e in zip(train_s, eval_s)]
+    later = statistics.median(epoch_s[1:]) if epochs > 1 else epoch_s[0]
+    return {
+        "iterations_per_epoch": iterations,
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "epoch_s": epoch_s,
+        "ms_per_iter_epoch_2": 1000 * train_s[-1] / iterations,
+        "projected_50_epochs_s": epoch_s[0] + 49 * later,
+        "capture_s": step.capture_seconds,
+        **_memory(device),
+    }
+
+
+def _memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"peak_memory_mib": None}
+    return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda if available")
+    add("--method", choices=METHODS, default="mcd")
+    add("--batch-size", type=_positive_int, default=128, help="images per domain per iteration")
+    add("--num-k", type=_positive_int, default=4, help="generator updates (step C) per iteration")
+    add("--iters", type=_positive_int, default=None, help="timed iterations per repeat (default: 100 on CUDA, 3 on CPU)")
+    add("--repeats", type=_positive_int, default=3, help="timed repeats; the median is reported")
+    add("--warmup", type=_positive_int, default=10, help="untimed iterations first (at least the graph warm-up + 2)")
+    add("--precision", choices=("auto", *PRECISIONS), default="auto", help="as main.py")
+    add("--cuda-graph", choices=SWITCH, default="auto", help="as main.py")
+    add("--compile", choices=SWITCH, default="auto", help="as main.py")
+    add("--channels-last", choices=SWITCH, default="auto", help="as main.py")
+    add("--full-epoch", action="store_true", help="time real-size epochs with evaluation instead")
+    add("--sweep", action="store_true", help="run every variant in its own process and print a table")
+    add("--out", default=None, help="--sweep: also append each variant's JSON line to this file")
+    add("--timeout", type=float, default=300, help="--sweep: seconds allowed per variant")
+    return parser
+
+
+def sweep(args: argparse.Namespace, device: str) -> int:
+    """Each variant in a fresh process (its own peak memory, and a failure stays its own), then a table."""
+    variants = SWEEP_CUDA if device.startswith("cuda") else SWEEP_CPU
+    rows, common = [], ["--device", device, "--method", args.method, "--batch-size", str(args.batch_size),
+                        "--num-k", str(args.num_k), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    common += ["--iters", str(args.iters)] if args.iters else []
+    for precision, graph, compiled, channels_last in variants:
+        command = [sys.executable, __file__, *common, "--precision", precision, "--cuda-graph", graph,
+                   "--compile", compiled, "--channels-last", channels_last]
+        label = f"{precision}, graph {graph}, compile {compiled}, channels_last {channels_last}"
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            result = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+            failure = None if result else (done.stderr.strip().splitlines() or ["no output"])[-1]
+        except subprocess.TimeoutExpired:
+            result, failure = None, f"timed out after {args.timeout:.0f} s"
+        if result is None:
+            result = {"variant": label, "error": failure}
+        print(f"{label}: " + (f"{result['ms_per_iter_median']:.2f} ms/iter" if "error" not in result else f"FAILED: {failure}"),
+              flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+        rows.append((label, result))
+    print("\n| precision, CUDA graph, compile, channels_last | ms/iter (median, min-max) | images/s | setup s | peak MiB |")
+    print("|---|---|---|---|---|")
+    for label, r in rows:
+        if "error" in r:
+            print(f"| {label} | failed: {r['error'][:80]} | | | |")
+        else:
+            memory = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "-"
+            print(f"| {label} | {r['ms_per_iter_median']:.2f} ({r['ms_per_iter_min']:.2f}-{r['ms_per_iter_max']:.2f}) | "
+                  f"{r['images_per_s']:,.0f} | {r['setup_s']:.1f} | {memory} |")
+    return 0 if all("error" not in r for _, r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device, parser)
+    if args.sweep:
+        return sweep(args, device)
+    config = Config(method=args.method, batch_size=args.batch_size, num_k=args.num_k, device=device,
+                    **resolve_speed(args, device, parser))
+    on_cuda = device.startswith("cuda")
+    header = {**environment(torch.device(device)), "method": config.method, "batch_size": config.batch_size,
+              "num_k": config.num_k, "precision": config.precision, "cuda_graph": config.cuda_graph,
+              "compile": config.compile, "channels_last": config.channels_last}
+    print(f"# {header['device']} | torch {header['torch']} | {config.method}, batch {config.batch_size} + "
+          f"{config.batch_size}, num_k {config.num_k} | {speed_label(config)}", flush=True)
+    if args.full_epoch:
+        result = {**header, "mode": "full_epoch", **time_full_epochs(config)}
+        for i, (t, e) in enumerate(zip(result["train_s"], result["eval_s"]), 1):
+            print(f"epoch {i}: train {t:.2f} s + evaluation {e:.2f} s")
+        print(f"{result['ms_per_iter_epoch_2']:.2f} ms/iter in epoch 2; "
+              f"50 epochs projected: {result['projected_50_epochs_s']:.0f} s")
+    else:
+        iters = args.iters or (100 if on_cuda else 3)
+        result = {**header, "mode": "iterations", **time_iterations(config, iters, args.repeats, args.warmup)}
+        print(f"{result['ms_per_iter_median']:.2f} ms/iter (median of {args.repeats} x {iters}; "
+              f"{result['ms_per_iter_min']:.2f}-{result['ms_per_iter_max']:.2f}) | {result['images_per_s']:,.0f} images/s | "
+              f"warm-up {result['setup_s']:.1f} s (capture {result['capture_s']:.2f} s)"
+              + (f" | peak memory {result['peak_memory_mib']:.0f} MiB" if result["peak_memory_mib"] else ""))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The fast paths compute what the plain path computes, and benchmark.py measures and reports.
+
+CPU tests run everywhere; the CUDA-graph tests run wherever a GPU is present (they are skipped on CI,
+which has none) and are part of the GPU check in the README's Speed section.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmark
+from main import build_parser, resolve_speed
+from train import MCD, Config, SourceOnly, TrainStep, configure_backends, discrepancy
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _run_iterations(config: Config, iterations: int, batch_size: int, seed: int = 0):
+    """Trains `iterations` steps on fixed synthetic data; returns the per-step losses and the model."""
+    device = torch.device(config.device)
+    configure_backends(config)
+    data = benchmark.synthetic_digits({"source_train": 4 * batch_size, "target_train": 4 * batch_size,
+                                       "source_test": 1, "target_test": 1}, device, seed=seed)
+    torch.manual_seed(seed)
+    model = (MCD if config.method == "mcd" else SourceOnly)(config, device)
+    model.train_mode(True)
+    step = TrainStep(model, data.source_train, data.target_train)
+    index = torch.Generator(device=device).manual_seed(seed)
+    history = []
+    for _ in range(iterations):
+        s = torch.randperm(4 * batch_size, device=device, generator=index)[:batch_size]
+        t = torch.randperm(4 * batch_size, device=device, generator=index)[:batch_size]
+        history.append({name: value.item() for name, value in step(s, t).items()})
+    return history, model, step
+
+
+def _close(a: list[dict], b: list[dict], rel_first: float, rel_later: float) -> None:
+    """Iteration 1 must agree to rounding. Later ones drift a little more by nature: Adam's first steps
+    are close to lr * sign(gradient), so a rounding-level change in a near-zero gradient moves a weight
+    by a whole lr; a different batch or a wrong step still moves the losses by far more."""
+    for i, (step_a, step_b) in enumerate(zip(a, b, strict=True)):
+        for name in step_a:
+            rel = rel_first if i == 0 else rel_later
+            assert step_b[name] == pytest.approx(step_a[name], rel=rel), (i, name, a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU
+
+
+def _speed(argv: list[str], device: str) -> dict:
+    parser = build_parser()
+    return resolve_speed(parser.parse_args(argv), device, parser)
+
+
+def test_auto_picks_the_fast_path_on_cuda_and_exact_fp32_elsewhere():
+    assert _speed([], "cpu") == {"precision": "fp32", "cuda_graph": False, "compile": False, "channels_last": False}
+    cuda = _speed([], "cuda")
+    assert cuda["precision"] == "bf16" and cuda["cuda_graph"] is True
+    assert _speed(["--precision", "fp32", "--cuda-graph", "off"], "cuda")["precision"] == "fp32"
+    assert _speed(["--compile", "on", "--channels-last", "on"], "cpu")["compile"] is True
+
+
+def test_cuda_graph_on_a_cpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _speed(["--cuda-graph", "on"], "cpu")
+    assert exit_info.value.code == 2
+    assert "--cuda-graph on needs a CUDA device" in capsys.readouterr().err
+
+
+def test_fp32_is_exact_and_tf32_is_opt_in():
+    configure_backends(Config(precision="fp32"))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    configure_backends(Config(precision="tf32"))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    configure_backends(Config(precision="fp32"))
+
+
+def test_bf16_autocasts_the_network_but_losses_stay_fp32():
+    torch.manual_seed(0)
+    exact, fast = MCD(Config(), CPU), MCD(Config(precision="bf16"), CPU)
+    fast.G.load_state_dict(exact.G.state_dict())
+    fast.F1.load_state_dict(exact.F1.state_dict())
+    fast.F2.load_state_dict(exact.F2.state_dict())
+    for model in (exact, fast):
+        model.train_mode(False)  # no dropout: the two forward passes are comparable
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        l1_exact, _ = exact.heads(exact.features(x))
+        features = fast.features(x)
+        l1_fast, l2_fast = fast.heads(features)
+    assert features.dtype == torch.bfloat16 and l1_fast.dtype == torch.bfloat16 and l1_exact.dtype == torch.float32
+    relative = (l1_fast.float() - l1_exact).norm() / l1_exact.norm()
+    assert 1e-4 < relative < 3e-2  # bf16 rounding: visible, small
+    assert discrepancy(l1_fast, l2_fast).dtype == torch.float32
+    assert fast.source_loss((l1_fast, l2_fast), torch.zeros(16, dtype=torch.long)).dtype == torch.float32
+
+
+def test_channels_last_computes_the_same_training_steps():
+    plain, _, _ = _run_iterations(Config(batch_size=8, num_k=2), 2, batch_size=8)
+    nhwc, model, _ = _run_iterations(Config(batch_size=8, num_k=2, channels_last=True), 2, batch_size=8)
+    assert model.G.conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    _close(plain, nhwc, rel_first=2e-4, rel_later=1e-2)
+
+
+def test_compiled_training_computes_the_same_steps(monkeypatch):
+    # Inductor draws dropout masks with its own generator; fallback_random makes it use eager's, so the
+    # two runs see the same masks and must give the same losses and weights.
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    config = Config(method="source_only", batch_size=8)
+    eager, _, _ = _run_iterations(config, 3, batch_size=8)
+    compiled, _, _ = _run_iterations(Config(method="source_only", batch_size=8, compile=True), 3, batch_size=8)
+    _close(eager, compiled, rel_first=2e-4, rel_later=1e-2)
+
+
+def test_benchmark_prints_a_table_line_and_one_json_line():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmark.py"), "--device", "cpu", "--method", "source_only",
+         "--batch-size", "8", "--iters", "2", "--repeats", "3", "--warmup", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    header, line, json_line = result.stdout.strip().splitlines()
+    assert header.startswith("# CPU") and "torch " + torch.__version__ in header
+    assert "ms/iter" in line
+    record = json.loads(json_line)
+    assert record["device"].startswith("CPU") and record["torch"] == torch.__version__
+    assert record["precision"] == "fp32" and record["cuda_graph"] is False
+    assert len(record["ms_per_iter_all"]) == 3 and record["ms_per_iter_min"] <= record["ms_per_iter_median"] <= record["ms_per_iter_max"]
+    assert record["images_per_s"] == pytest.approx(2 * 8 * 1000 / record["ms_per_iter_median"])
+    assert record["final_losses"]["loss_source"] > 0
+
+
+def test_benchmark_sweep_runs_each_variant_in_its_own_process(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(benchmark, "SWEEP_CPU", (("fp32", "off", "off", "off"), ("fp32", "on", "off", "off")))
+    out = tmp_path / "speed.jsonl"
+    args = benchmark.build_parser().parse_args(
+        ["--sweep", "--device", "cpu", "--method", "source_only", "--batch-size", "8", "--iters", "1",
+         "--repeats", "1", "--warmup", "1", "--out", str(out)])
+    assert benchmark.sweep(args, "cpu") == 1  # the second variant cannot run on a CPU...
+    table = capsys.readouterr().out
+    assert "| fp32, graph off, compile off, channels_last off |" in table
+    assert "needs a CUDA device" in table  # ...and says why, in its row, without stopping the sweep
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records[0]["ms_per_iter_median"] > 0 and "error" in records[1]
+
+
+def test_full_epoch_times_training_and_evaluation():
+    config = Config(method="source_only", batch_size=8)
+    sizes = {"source_train": 40, "source_test": 30, "target_train": 32, "target_test": 20}
+    result = benchmark.time_full_epochs(config, sizes=sizes, epochs=2)
+    assert result["iterations_per_epoch"] == 4  # min(40, 32) // 8, as in training
+    assert len(result["train_s"]) == len(result["eval_s"]) == 2 and all(t > 0 for t in result["eval_s"])
+    assert result["projected_50_epochs_s"] == pytest.approx(result["epoch_s"][0] + 49 * result["epoch_s"][1])
+
+
+def test_synthetic_data_is_random_uint8_of_the_real_shapes():
+    data = benchmark.synthetic_digits({"source_train": 50, "source_test": 5, "target_train": 40, "target_test": 5}, CPU)
+    assert data.source_train.images.shape == (50, 3, 32, 32) and data.source_train.images.dtype == torch.uint8
+    assert data.target_train.labels.max() <= 9 and data.source_train.images.float().std() > 50  # not zeros
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["mcd", "source_only"])
+def test_cuda_graph_replays_the_same_training_steps(method):
+    # Same seed, same batches: eager and captured training must agree step by step (dropout masks too:
+    # the graph's RNG offsets continue the eager sequence), then keep agreeing on later replays.
+    eager_config = Config(method=method, batch_size=32, device="cuda")
+    eager, _, _ = _run_iterations(eager_config, 8, batch_size=32)
+    graph_config = Config(method=method, batch_size=32, device="cuda", cuda_graph=True)
+    graphed, _, step = _run_iterations(graph_config, 8, batch_size=32)
+    assert step.graph is not None and step.calls == 8  # 3 warm-up, 1 captured, 4 more replays
+    _close(eager, graphed, rel_first=1e-4, rel_later=2e-3)
+    assert len({h["loss_source"] for h in graphed[TrainStep.WARMUP:]}) == 8 - TrainStep.WARMUP  # they really train
+
+
+@needs_cuda
+def test_cuda_bf16_graph_follows_fp32():
+    exact, _, _ = _run_iterations(Config(batch_size=64, device="cuda", cuda_graph=True), 6, batch_size=64)
+    fast, _, _ = _run_iterations(Config(batch_size=64, device="cuda", cuda_graph=True, precision="bf16"), 6, batch_size=64)
+    for a, b in zip(exact, fast):
+        assert b["loss_source"] == pytest.approx(a["loss_source"], rel=5e-2)
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in fast)
+
+
+@needs_cuda
+def test_cuda_compiled_graph_follows_eager(monkeypatch):
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    eager, _, _ = _run_iterations(Config(batch_size=32, device="cuda"), 6, batch_size=32)
+    compiled, _, step = _run_iterations(Config(batch_size=32, device="cuda", cuda_graph=True, compile=True), 6, batch_size=32)
+    assert step.graph is not None
+    _close(eager, compiled, rel_first=1e-3, rel_later=1e-2)
+
+
+@needs_cuda
+def test_cuda_benchmark_uses_events_and_reports_memory():
+    config = Config(batch_size=32, device="cuda", cuda_graph=True, precision="bf16")
+    result = benchmark.time_iterations(config, iters=5, repeats=3, warmup=5)
+    assert result["capture_s"] > 0 and result["peak_memory_mib"] > 0
+    assert result["ms_per_iter_min"] > 0
