@@ -18,7 +18,7 @@ from train import METHODS, PRECISIONS, Config, OutputError, train
 SWITCH = ("auto", "on", "off")
 # What 'auto' means on CUDA, from the measurements in the README's Speed section.
 AUTO_COMPILE_ON_CUDA = False
-AUTO_CHANNELS_LAST_ON_CUDA = False
+AUTO_CHANNELS_LAST_ON_CUDA = True
 
 
 def _auto(on_cuda: bool) -> str:
