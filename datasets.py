@@ -102,6 +102,15 @@ class BatchStream:
         self.position += self.batch_size
         return indices
 
+    def state_dict(self) -> dict:
+        """Where the stream is: its generator, the current pass's order and the position in it."""
+        return {"generator": self.generator.get_state(), "order": self.order.cpu(), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"].to(self.device)
+        self.position = state["position"]
+
 
 # ----------------------------------------------------------------------------------------------
 # Checking and downloading
@@ -255,12 +264,13 @@ def load_digits(
     """Load SVHN (source) and MNIST (target), downloading what is missing unless told not to."""
     root = Path(data_root)
     if root.exists() and not root.is_dir():
-        raise DataError(f"--data-root {root} is not a directory")
+        raise DataError(f"--data-root {root} is not a directory; give the folder that holds svhn/ and MNIST/")
+    if root.exists() and not os.access(root, os.R_OK | os.X_OK):
+        raise DataError(f"--data-root {root} is not readable by this user; fix its permissions or choose another folder")
     missing = _missing_files(root)
     if missing and not download:
-        raise DataError(
-            "missing dataset files (--no-download): " + "; ".join(missing) + ". Download them there, or drop --no-download"
-        )
+        where = "missing dataset files" if root.exists() else f"--data-root {root} does not exist"
+        raise DataError(f"{where} (--no-download): " + "; ".join(missing) + ". Download them there, or drop --no-download")
 
     files: list[DataFile] = []
     svhn = {}

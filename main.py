@@ -7,12 +7,17 @@ the CSV given by --csv and a results.json beside it.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import traceback
+
+from pathlib import Path
 
 import torch
 
+from checkpoint import ResumeError
 from datasets import DataError
-from train import METHODS, PRECISIONS, Config, OutputError, train
+from train import METHODS, PRECISIONS, Config, Interrupted, NonFiniteLoss, OutputError, checkpoint_path, train
 
 
 SWITCH = ("auto", "on", "off")
@@ -46,9 +51,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit code 2 (argparse would print its usage block first)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         description="Maximum Classifier Discrepancy (CVPR 2018) domain adaptation, SVHN -> MNIST.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -72,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: cuda if available, else mps, else cpu")
     add("--csv", default=defaults.csv, help="per-epoch results; results.json is written beside it")
     add("--eval-batch-size", type=_positive_int, default=defaults.eval_batch_size, help="images per evaluation chunk")
+    runs = parser.add_argument_group("runs")
+    once = runs.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true",
+                      help="continue the run whose checkpoint (same stem as --csv, .pt) is beside --csv")
+    once.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --csv, its .json and .pt (without it, an existing run is never overwritten)")
+    runs.add_argument("--deterministic", action="store_true",
+                      help="deterministic algorithms only and no cuDNN autotuning: a rerun gives an identical CSV")
+    runs.add_argument("--debug", action="store_true", help="print the traceback behind an error message")
     speed = parser.add_argument_group("speed (none of these changes the mathematics; see README 'Speed')")
     speed.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
                        help="auto: bf16 on CUDA, fp32 elsewhere. fp32 is exact (TF32 off); tf32 uses TF32 "
@@ -131,16 +152,41 @@ def main(argv: list[str] | None = None) -> int:
         csv=args.csv,
         eval_batch_size=args.eval_batch_size,
         **resolve_speed(args, device, parser),
+        deterministic=args.deterministic,
+        resume=args.resume,
+        overwrite=args.overwrite,
     )
     try:
         train(config)
-    except (DataError, OutputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the rows already in {config.csv} are complete", file=sys.stderr)
-        return 130
+    except (DataError, OutputError, ResumeError) as error:
+        return _fail(f"error: {error}", 2, args.debug)
+    except NonFiniteLoss as error:
+        return _fail(f"error: non-finite loss in epoch {error.epoch}, iteration {error.iteration}: training stopped; "
+                     f"{_saved(config, error.epoch - 1)} Lower --lr, or check the data.", 3, args.debug)
+    except Interrupted as error:
+        return _fail(f"\n{error}: {_saved(config, error.epochs_saved)} Continue with: {_resume_command(argv)}",
+                     error.exit_code, args.debug)
+    except KeyboardInterrupt:  # a SIGINT before training started
+        return _fail("\ninterrupted before training started; nothing was written", 130, args.debug)
     return 0
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(message, file=sys.stderr)
+    return code
+
+
+def _saved(config: Config, epochs: int) -> str:
+    if epochs <= 0:
+        return "no epoch had finished, so nothing was saved."
+    return f"{config.csv} and its checkpoint {checkpoint_path(Path(config.csv))} hold epochs 1-{epochs}."
+
+
+def _resume_command(argv: list[str] | None) -> str:
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
+    return shlex.join(["python", "main.py", *args, "--resume"])
 
 
 if __name__ == "__main__":

@@ -20,18 +20,34 @@ import functools
 import json
 import os
 import platform
+import random
+import signal
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 from tqdm import tqdm
 
+from checkpoint import (
+    FORMAT_VERSION,
+    ResumeError,
+    checkpoint_path,
+    config_differences,
+    load_checkpoint,
+    load_optimizer,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from datasets import BatchStream, DataFile, Digits, DigitsSplit, load_digits, to_model_input
 from models import build_models
 
@@ -74,14 +90,29 @@ class Config:
     cuda_graph: bool = False  # capture the whole iteration once and replay it (CUDA only)
     compile: bool = False  # torch.compile the training forward passes of G, F1, F2
     channels_last: bool = False  # NHWC images and conv weights
+    # Run control.
+    deterministic: bool = False  # deterministic algorithms only, cuDNN autotuning off: identical reruns
+    resume: bool = False  # continue from the checkpoint beside csv
+    overwrite: bool = False  # replace an existing csv / checkpoint instead of refusing
 
 
 def configure_backends(config: Config) -> None:
-    """Process-wide numerics for this run: TF32 only when precision allows it, cuDNN autotuning on CUDA."""
+    """Process-wide numerics for this run: TF32 only when precision allows it, cuDNN autotuning on CUDA
+    unless the run must be deterministic."""
     tf32 = config.precision != "fp32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = torch.device(config.device).type == "cuda"
+    torch.backends.cudnn.benchmark = torch.device(config.device).type == "cuda" and not config.deterministic
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for reproducibility
+    torch.use_deterministic_algorithms(config.deterministic)
+
+
+def seed_everything(seed: int) -> None:
+    """torch (CPU and every device), numpy and Python: model init, dropout, anything else random."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def speed_label(config: Config) -> str:
@@ -269,6 +300,49 @@ class LiveLosses:
             self.pending = (list(totals), step + 1, host, event)
 
 
+class NonFiniteLoss(Exception):
+    """A loss became NaN or infinite; training stops, keeping the last good checkpoint."""
+
+    def __init__(self, iteration: int, epoch: int = 0):
+        super().__init__(f"non-finite loss at iteration {iteration}")
+        self.iteration, self.epoch = iteration, epoch
+
+
+class NonFiniteWatch:
+    """Finds the first iteration whose losses are not finite without a host sync per step: its index is
+    kept on the device and read every `every` steps through an asynchronous copy (every step on a CPU,
+    where reading costs nothing), and once more, synchronously, at the end of the epoch."""
+
+    def __init__(self, device: torch.device, every: int = 25):
+        self.device = device
+        self.every = every if device.type == "cuda" else 1
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    def update(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        bad = ~torch.isfinite(torch.stack(list(losses.values()))).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        if self.device.type != "cuda":
+            self._raise_if_bad(int(self.first_bad))
+            return
+        if self.pending is not None and self.pending[1].query():
+            self._raise_if_bad(int(self.pending[0]))
+            self.pending = None
+        if step % self.every == 0 and self.pending is None:
+            host = torch.empty((), dtype=torch.long, pin_memory=True).copy_(self.first_bad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (host, event)
+
+    def finish(self) -> None:
+        self._raise_if_bad(int(self.first_bad))
+
+    @staticmethod
+    def _raise_if_bad(first_bad: int) -> None:
+        if first_bad >= 0:
+            raise NonFiniteLoss(first_bad + 1)
+
+
 class TrainStep:
     """One training iteration from two (B,) index batches: gather the images on the device, model.update.
 
@@ -333,12 +407,17 @@ def train_epoch(
     totals: dict[str, torch.Tensor] = {}
     bar = tqdm(range(iterations), desc=desc, leave=False, dynamic_ncols=True, disable=None)
     live = LiveLosses(bar, step.model.device)
-    for i in bar:
-        losses = step(source_stream.next(), target_stream.next())  # (B,) index tensors on the device
-        for name, value in losses.items():
-            totals[name] = totals[name] + value if name in totals else value.clone()
-        live.update(i, totals)
-    bar.close()
+    watch = NonFiniteWatch(step.model.device)
+    try:
+        for i in bar:
+            losses = step(source_stream.next(), target_stream.next())  # (B,) index tensors on the device
+            for name, value in losses.items():
+                totals[name] = totals[name] + value if name in totals else value.clone()
+            watch.update(i, losses)
+            live.update(i, totals)
+        watch.finish()
+    finally:
+        bar.close()
     means = torch.stack(list(totals.values())) / iterations
     return dict(zip(totals, means.tolist()))
 
@@ -382,16 +461,28 @@ def record_path(csv_path: Path) -> Path:
 
 
 class ResultsWriter:
-    """The per-epoch CSV (one flushed row per epoch) and results.json beside it (same stem)."""
+    """The per-epoch CSV (one fsynced row per epoch) and results.json beside it (same stem).
 
-    def __init__(self, config: Config, record: dict):
+    The CSV starts as a header plus the rows of the run so far (none for a fresh run; a checkpoint's
+    rows when resuming, which also drops any row written after that checkpoint), written to a temp file
+    and renamed over the old one."""
+
+    def __init__(self, config: Config, record: dict, rows: list[dict]):
         self.csv_path = Path(config.csv)
         self.json_path = record_path(self.csv_path)
         self.record = record
-        self.file = open(self.csv_path, "w", newline="")
+        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_COLUMNS)
+            writer.writerows([_format(row[column]) for column in CSV_COLUMNS] for row in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.csv_path)
+        self.file = open(self.csv_path, "a", newline="")
         self.writer = csv.writer(self.file)
-        self.writer.writerow(CSV_COLUMNS)
-        self.file.flush()
+        if rows:
+            self.record["epochs_completed"], self.record["final_row"] = rows[-1]["epoch"], rows[-1]
         self._write_json()
 
     def append(self, row: dict[str, float | int | None]) -> None:
@@ -416,19 +507,32 @@ class OutputError(Exception):
     """The results cannot be written where asked; the message is one line that says what to do."""
 
 
-def check_output(csv_path: Path) -> None:
-    """Fail before any data is loaded or time spent if the results cannot be written (a missing folder is created)."""
+def check_output(config: Config) -> None:
+    """Fail before any data is loaded or time spent if the results cannot be written where asked, or
+    would overwrite an earlier run's without --overwrite (a missing folder is created)."""
+    csv_path = Path(config.csv)
     try:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"--csv {csv_path}: cannot create its folder ({error.strerror}); choose another path")
-    if csv_path.suffix == ".json":
-        raise OutputError(f"--csv {csv_path}: the results record is written beside the CSV as .json; name the CSV *.csv")
+    if csv_path.suffix in (".json", ".pt"):
+        raise OutputError(f"--csv {csv_path}: the record (.json) and checkpoint (.pt) are written beside the CSV; "
+                          "name the CSV *.csv")
     if csv_path.is_dir():
         raise OutputError(f"--csv {csv_path} is a directory; give a file name such as {csv_path / 'results.csv'}")
-    for path in (csv_path, record_path(csv_path)):
+    outputs = (csv_path, record_path(csv_path), checkpoint_path(csv_path))
+    for path in outputs:
         if not os.access(path if path.exists() else path.parent, os.W_OK):
             raise OutputError(f"--csv {csv_path}: {path} is not writable; choose another path")
+    if config.resume:
+        if not checkpoint_path(csv_path).exists():
+            raise OutputError(f"--resume: there is no checkpoint {checkpoint_path(csv_path)} to continue from; "
+                              "run without --resume to start")
+    elif not config.overwrite:
+        for path in outputs:
+            if path.exists():
+                raise OutputError(f"--csv {csv_path}: {path} already exists; add --resume to continue that run "
+                                  "or --overwrite to replace it")
 
 
 def run_record(config: Config, files: list[DataFile], device: torch.device, iterations: int) -> dict:
@@ -458,12 +562,139 @@ def summary_line(row: dict[str, float | int | None], epochs: int) -> str:
     )
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: training stopped, the last checkpoint and CSV row are intact."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        self.epochs_saved = 0
+
+
+class SignalGuard:
+    """SIGINT and SIGTERM stop training at once, as Interrupted. Handlers are installed only in the main
+    thread (Python allows no other) and the previous ones are restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "SignalGuard":
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    @staticmethod
+    def _handle(signum: int, frame) -> None:
+        raise Interrupted(signum)
+
+
+def _to_cpu(value):
+    """A copy of a (nested) state on the CPU, detached from the live tensors that training keeps updating."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+class CheckpointWriter:
+    """Writes each epoch's checkpoint and then its CSV row on one background thread, so training goes on
+    while ~440 MB reach the disk. The state is copied to the CPU first (on the calling thread, at the
+    epoch boundary); writes happen one at a time, in epoch order; close() waits for the last one, so an
+    interrupted run still finishes writing the epoch it had completed. Signals only ever reach the main
+    thread, never a write in progress."""
+
+    def __init__(self, path: Path, results: ResultsWriter):
+        self.path, self.results = path, results
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.pending: Future | None = None
+
+    def submit(self, payload: dict, row: dict) -> None:
+        self.wait()
+        self.pending = self.executor.submit(self._write, _to_cpu(payload), row)
+
+    def _write(self, payload: dict, row: dict) -> None:
+        try:
+            save_checkpoint(self.path, payload)
+            self.results.append(row)
+        except OSError as error:
+            raise OutputError(f"cannot write {self.path} or its CSV row ({error.strerror}); the previous "
+                              "epoch's checkpoint and rows are intact")
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            future, self.pending = self.pending, None
+            future.result()  # re-raises a failed write here, on the training thread
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.executor.shutdown()
+            self.results.close()
+
+
+def checkpoint_payload(config: Config, model: SourceOnly, streams: tuple[BatchStream, BatchStream],
+                       files: list[DataFile], rows: list[dict], resumed_at: list[int]) -> dict:
+    """Everything train() needs to continue after rows[-1]['epoch'] exactly as if it had never stopped."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": asdict(config),
+        "epoch": rows[-1]["epoch"],
+        "rows": rows,
+        "resumed_at": resumed_at,
+        "models": {"G": model.G.state_dict(), "F1": model.F1.state_dict(), "F2": model.F2.state_dict()},
+        "optimizers": {"G": model.opt_g.state_dict(), "F": model.opt_f.state_dict()},
+        "streams": [stream.state_dict() for stream in streams],
+        "rng": rng_state(model.device),
+        "data_files": {f.path: f.md5 for f in files},
+    }
+
+
+def _resume_from(checkpoint: dict, config: Config, path: Path) -> None:
+    """Refuses a checkpoint that cannot continue this run, naming what differs."""
+    differences = config_differences(checkpoint["config"], asdict(config))
+    if differences:
+        raise ResumeError(f"--resume: {path} was made with other settings ({'; '.join(differences)}); "
+                          "use the same flags, or --overwrite to start afresh")
+    if checkpoint["epoch"] > config.epochs:
+        raise ResumeError(f"--resume: {path} is already at epoch {checkpoint['epoch']}, past --epochs {config.epochs}")
+
+
+def _restore(checkpoint: dict, model: SourceOnly, streams: tuple[BatchStream, BatchStream], files: list[DataFile],
+             path: Path) -> None:
+    changed = [f.path for f in files if checkpoint["data_files"].get(f.path, f.md5) != f.md5]
+    if changed:
+        raise ResumeError(f"--resume: the dataset files changed since {path} was written ({', '.join(changed)}); "
+                          "restore them, or --overwrite to start afresh")
+    for name, module in (("G", model.G), ("F1", model.F1), ("F2", model.F2)):
+        module.load_state_dict(checkpoint["models"][name])
+    load_optimizer(model.opt_g, checkpoint["optimizers"]["G"])
+    load_optimizer(model.opt_f, checkpoint["optimizers"]["F"])
+    for stream, state in zip(streams, checkpoint["streams"]):
+        stream.load_state_dict(state)
+    restore_rng(checkpoint["rng"], model.device)
+
+
 def train(config: Config) -> dict[str, float | int | None]:
-    """Train as configured, writing one CSV row per epoch; returns the last row (the result)."""
-    check_output(Path(config.csv))
+    """Train as configured, writing a checkpoint and then a CSV row after every epoch; returns the last
+    row (the result). Raises OutputError / ResumeError / DataError before anything is written,
+    Interrupted on SIGINT/SIGTERM and NonFiniteLoss, both keeping the last checkpoint and CSV intact."""
+    csv_path = Path(config.csv)
+    check_output(config)
+    checkpoint = load_checkpoint(checkpoint_path(csv_path)) if config.resume else None
+    if checkpoint is not None:
+        _resume_from(checkpoint, config, checkpoint_path(csv_path))
     device = torch.device(config.device)
     configure_backends(config)
-    torch.manual_seed(config.seed)  # model init and dropout masks, on every device
+    seed_everything(config.seed)  # model init and dropout masks, on every device
     data = load_digits(config.data_root, config.download, config.allow_unverified_data, device)
     # Two independent index streams; their seeds derive from the run's seed.
     streams = (
@@ -473,32 +704,54 @@ def train(config: Config) -> dict[str, float | int | None]:
     iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
     model = ALGORITHMS[config.method](config, device)
     model.train_mode(True)
+    rows: list[dict] = []
+    resumed_at: list[int] = []
+    if checkpoint is not None:
+        _restore(checkpoint, model, streams, data.files, checkpoint_path(csv_path))
+        rows, resumed_at = checkpoint["rows"], checkpoint["resumed_at"] + [checkpoint["epoch"]]
+    else:
+        checkpoint_path(csv_path).unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
     step = TrainStep(model, data.source_train, data.target_train)
 
-    writer = ResultsWriter(config, run_record(config, data.files, device, iterations))
+    record = run_record(config, data.files, device, iterations)
+    record["resumed_at_epochs"] = resumed_at
+    checkpoints = CheckpointWriter(checkpoint_path(csv_path), ResultsWriter(config, record, rows))
     print(
         f"{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training images, "
         f"{config.epochs} epochs x {iterations} iterations on {device_name(device)} ({speed_label(config)})"
+        + (f"; resuming after epoch {rows[-1]['epoch']}" if rows else "")
     )
-    seconds = 0.0
-    row: dict[str, float | int | None] = {}
+    if rows and rows[-1]["epoch"] == config.epochs:
+        print(f"{csv_path} already holds all {config.epochs} epochs; raise --epochs to train further")
+    seconds = rows[-1]["seconds"] if rows else 0.0
+    epoch = rows[-1]["epoch"] if rows else 0
     try:
-        for epoch in range(1, config.epochs + 1):
-            start = time.perf_counter()
-            losses = train_epoch(step, streams, iterations, desc=f"epoch {epoch}/{config.epochs}")
-            _synchronize(device)
-            seconds += time.perf_counter() - start  # training time only; evaluation is not counted
-            row = {
-                "epoch": epoch,
-                "iterations": epoch * iterations,
-                "seconds": seconds,
-                "loss_source": losses["loss_source"],
-                "discrepancy_b": losses.get("discrepancy_b"),
-                "discrepancy_c": losses.get("discrepancy_c"),
-                **evaluate_all(model, data, config.eval_batch_size),
-            }
-            writer.append(row)
-            print(summary_line(row, config.epochs))
+        with SignalGuard():
+            for epoch in range(epoch + 1, config.epochs + 1):
+                start = time.perf_counter()
+                try:
+                    losses = train_epoch(step, streams, iterations, desc=f"epoch {epoch}/{config.epochs}")
+                except NonFiniteLoss as error:
+                    error.epoch = epoch
+                    raise
+                _synchronize(device)
+                seconds += time.perf_counter() - start  # training time only; evaluation is not counted
+                row = {
+                    "epoch": epoch,
+                    "iterations": epoch * iterations,
+                    "seconds": seconds,
+                    "loss_source": losses["loss_source"],
+                    "discrepancy_b": losses.get("discrepancy_b"),
+                    "discrepancy_c": losses.get("discrepancy_c"),
+                    **evaluate_all(model, data, config.eval_batch_size),
+                }
+                # Checkpoint first, then its row (in the background): the two always agree.
+                checkpoints.submit(checkpoint_payload(config, model, streams, data.files, rows + [row], resumed_at), row)
+                rows.append(row)
+                print(summary_line(row, config.epochs))
+    except Interrupted as error:
+        error.epochs_saved = rows[-1]["epoch"] if rows else 0
+        raise
     finally:
-        writer.close()
-    return row
+        checkpoints.close()
+    return rows[-1]

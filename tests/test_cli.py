@@ -98,6 +98,7 @@ def test_cuda_requested_but_absent(capsys):
 
 def test_missing_data_offline_is_one_line_and_writes_nothing(tmp_path):
     csv_path = tmp_path / "results.csv"
+    (tmp_path / "empty").mkdir()
     result = run("main.py", "--data-root", str(tmp_path / "empty"), "--no-download", "--device", "cpu", "--csv", str(csv_path))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -1,0 +1,111 @@
+"""Checkpoints: everything needed to continue a run exactly where its last finished epoch left it.
+
+A checkpoint sits beside the CSV (same stem, .pt) and holds the three networks, both optimisers, every
+random state (torch CPU and device, numpy, Python), both batch streams' positions, the config, the data
+files' checksums and every CSV row so far. It is written atomically (temp file in the same folder,
+fsync, rename), so a crash while saving leaves the previous one intact, and it is read back with
+torch.load(weights_only=True): tensors and plain containers only, never pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+# Config keys that change what a run computes: a resumed run must match its checkpoint on every one.
+# (epochs may grow to extend a run; paths, evaluation chunking and the speed switches other than
+# precision only change where files are or how fast the same arithmetic runs.)
+RESULT_KEYS = ("method", "batch_size", "iters_per_epoch", "lr", "weight_decay", "num_k", "seed", "precision", "deterministic")
+
+
+class ResumeError(Exception):
+    """--resume cannot continue from this checkpoint; the message is one line that says why."""
+
+
+def checkpoint_path(csv_path: Path) -> Path:
+    return csv_path.with_suffix(".pt")
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Atomic and durable: a reader sees the old checkpoint or the new one, never a partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt, or not a checkpoint at all
+        raise ResumeError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}); "
+                          "run again with --overwrite to start afresh")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
+        raise ResumeError(f"--resume: {path} is not a checkpoint of this program (format {FORMAT_VERSION}); "
+                          "run again with --overwrite to start afresh")
+    return checkpoint
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """The result-changing settings in which `current` differs from the checkpoint's config."""
+    differences = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in RESULT_KEYS if saved.get(key) != current[key]]
+    saved_device, device = torch.device(saved["device"]).type, torch.device(current["device"]).type
+    if saved_device != device:  # the batch streams' generators and the RNG states are per device type
+        differences.append(f"device {saved_device!r} -> {device!r}")
+    return differences
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random generator a run can touch, as tensors and plain values (loadable with weights_only)."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    device_state = None
+    if device.type == "cuda":
+        device_state = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        device_state = torch.mps.get_rng_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "device": device_state,
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["device"], device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state["device"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Loads the saved moments and step counts but keeps this run's implementation switches (fused,
+    capturable, foreach), so a run saved without CUDA graphs can resume with them and vice versa."""
+    for saved_group, group in zip(state["param_groups"], optimizer.param_groups):
+        for key in ("fused", "capturable", "foreach"):
+            if key in group:
+                saved_group[key] = group[key]
+    optimizer.load_state_dict(state)
