@@ -240,7 +240,16 @@ def _read_svhn(path: str) -> tuple[np.ndarray, np.ndarray]:
     return images.transpose(3, 2, 0, 1), labels  # (32, 32, 3, N) -> (N, 3, 32, 32)
 
 
+IDX_MAGIC = {"images": b"\x00\x00\x08\x03", "labels": b"\x00\x00\x08\x01"}  # uint8 data, 3 or 1 dimensions
+
+
 def _read_mnist(images_path: str, labels_path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    for kind, path in (("images", images_path), ("labels", labels_path)):
+        with open(path, "rb") as file:
+            magic = file.read(4)
+        if magic != IDX_MAGIC[kind]:
+            raise DataError(f"{path}: not an MNIST IDX {kind} file (magic number {magic.hex()}, expected "
+                            f"{IDX_MAGIC[kind].hex()}); delete it and download it again")
     try:
         images, labels = read_image_file(images_path), read_label_file(labels_path)
     except Exception as error:  # torchvision's reader asserts on a bad header

@@ -61,6 +61,7 @@ class OneLineErrors(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = OneLineErrors(
+        prog="main.py",
         description="Maximum Classifier Discrepancy (CVPR 2018) domain adaptation, SVHN -> MNIST.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

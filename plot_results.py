@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -78,12 +79,16 @@ def plot(paths: list[Path], out: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
+    # Drawn into a temp file beside the target, then renamed: an existing picture is replaced whole or not at all.
+    tmp = out.with_name(out.name + ".tmp")
     try:
-        figure.savefig(out, dpi=120)
+        figure.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, out)
     except OSError as error:
         raise PlotError(f"cannot write {out}: {error.strerror or error}") from None
     finally:
         plt.close(figure)
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(args.csv, out)
     except PlotError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {out}")
     return 0
 

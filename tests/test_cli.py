@@ -119,7 +119,7 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_plot_errors_are_one_line_exit_1(tmp_path):
+def test_plot_errors_are_one_line_exit_2(tmp_path):
     header = ",".join(CSV_COLUMNS)
     cases = {
         "missing": tmp_path / "nope.csv",
@@ -131,7 +131,7 @@ def test_plot_errors_are_one_line_exit_1(tmp_path):
     }
     for name, path in cases.items():
         result = run("plot_results.py", str(path), "--out", str(tmp_path / "x.png"))
-        assert result.returncode == 1, name
+        assert result.returncode == 2, name
         assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
         assert str(path) in result.stderr, name
     assert not (tmp_path / "x.png").exists()
@@ -154,7 +154,7 @@ def test_plot_unwritable_output(tmp_path):
     header = ",".join(CSV_COLUMNS)
     a = _write(tmp_path / "r.csv", header + "\n1,3,1.0,2.0,0.1,0.1,50,40,41,42\n")
     result = run("plot_results.py", str(a), "--out", str(tmp_path / "no" / "such" / "dir" / "x.png"))
-    assert result.returncode == 1 and result.stderr.startswith("error: cannot write")
+    assert result.returncode == 2 and result.stderr.startswith("error: cannot write")
 
 
 def test_unwritable_output_is_refused_before_training(digits_root, tmp_path, capsys):
