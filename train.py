@@ -654,7 +654,7 @@ def checkpoint_payload(config: Config, model: SourceOnly, streams: tuple[BatchSt
         "optimizers": {"G": model.opt_g.state_dict(), "F": model.opt_f.state_dict()},
         "streams": [stream.state_dict() for stream in streams],
         "rng": rng_state(model.device),
-        "data_files": {f.path: f.md5 for f in files},
+        "data_files": {Path(f.path).name: f.md5 for f in files},
     }
 
 
@@ -670,7 +670,7 @@ def _resume_from(checkpoint: dict, config: Config, path: Path) -> None:
 
 def _restore(checkpoint: dict, model: SourceOnly, streams: tuple[BatchStream, BatchStream], files: list[DataFile],
              path: Path) -> None:
-    changed = [f.path for f in files if checkpoint["data_files"].get(f.path, f.md5) != f.md5]
+    changed = [f.path for f in files if checkpoint["data_files"].get(Path(f.path).name) != f.md5]
     if changed:
         raise ResumeError(f"--resume: the dataset files changed since {path} was written ({', '.join(changed)}); "
                           "restore them, or --overwrite to start afresh")

@@ -16,6 +16,7 @@ import torch
 import main as main_module
 import train as train_module
 from checkpoint import RESULT_KEYS, load_checkpoint, save_checkpoint
+from conftest import make_digits_root
 from train import CSV_COLUMNS, Interrupted, NonFiniteLoss, NonFiniteWatch, SignalGuard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +122,17 @@ def test_resume_refuses_other_settings_and_names_them(finished_run, digits_root,
     assert main_module.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "lr 0.0002 -> 0.001" in err and "num_k 1 -> 2" in err
+    assert _snapshot(*_outputs(csv_path)) == before
+
+
+def test_resume_refuses_changed_dataset_files(finished_run, tmp_path, capsys):
+    other_data = tmp_path / "other"
+    make_digits_root(other_data, seed=1)  # same layout, other images
+    csv_path = _copy_run(finished_run, tmp_path)
+    before = _snapshot(*_outputs(csv_path))
+    assert main_module.main(_args(other_data, csv_path, "--resume", epochs=3)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
+    assert len(errors) == 1 and "dataset files changed" in errors[0] and "train_32x32.mat" in errors[0]
     assert _snapshot(*_outputs(csv_path)) == before
 
 
