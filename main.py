@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"error: non-finite loss in epoch {error.epoch}, iteration {error.iteration}: training stopped; "
                      f"{_saved(config, error.epoch - 1)} Lower --lr, or check the data.", 3, args.debug)
     except Interrupted as error:
-        return _fail(f"\n{error}: {_saved(config, error.epochs_saved)} Continue with: {_resume_command(argv)}",
-                     error.exit_code, args.debug)
+        again = ("Continue with: " + _command(argv, "--resume")) if error.epochs_saved else \
+            ("Start again with: " + _command(argv, "--overwrite"))
+        return _fail(f"\n{error}: {_saved(config, error.epochs_saved)} {again}", error.exit_code, args.debug)
     except KeyboardInterrupt:  # a SIGINT before training started
         return _fail("\ninterrupted before training started; nothing was written", 130, args.debug)
     return 0
@@ -185,9 +186,10 @@ def _saved(config: Config, epochs: int) -> str:
     return f"{config.csv} and its checkpoint {checkpoint_path(Path(config.csv))} hold epochs 1-{epochs}."
 
 
-def _resume_command(argv: list[str] | None) -> str:
+def _command(argv: list[str] | None, flag: str) -> str:
+    """This run's command line with --resume or --overwrite (not both: they exclude each other)."""
     args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
-    return shlex.join(["python", "main.py", *args, "--resume"])
+    return shlex.join(["python", "main.py", *args, flag])
 
 
 if __name__ == "__main__":

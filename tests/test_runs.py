@@ -275,3 +275,15 @@ def test_a_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_epoch(digit
     assert len(errors) == 1 and "non-finite loss in epoch 2, iteration 2" in errors[0] and "hold epochs 1-1" in errors[0]
     assert [r["epoch"] for r in _rows(csv_path)] == ["1"]
     assert load_checkpoint(csv_path.with_suffix(".pt"))["epoch"] == 1
+
+
+def test_interrupted_before_the_first_epoch_says_to_start_again(digits_root, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(train_module, "train_epoch", interrupted)
+    csv_path = tmp_path / "early.csv"
+    assert main_module.main(_args(digits_root, csv_path)) == 143
+    err = capsys.readouterr().err
+    assert "no epoch had finished" in err and "Start again with: python main.py" in err and err.rstrip().endswith("--overwrite")
+    assert not csv_path.with_suffix(".pt").exists() and _rows(csv_path) == []
