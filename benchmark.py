@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from datasets import BatchStream, Digits, DigitsSplit
+from datasets import Digits, DigitsSplit
 from main import SWITCH, _positive_int, resolve_device, resolve_speed
 from train import ALGORITHMS, METHODS, PRECISIONS, Config, TrainStep, configure_backends, device_name
-from train import evaluate_all, speed_label, train_epoch
+from train import batch_streams, evaluate_all, speed_label, train_epoch
 
 # Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
 REAL_SIZES = {"source_train": 73_257, "source_test": 26_032, "target_train": 60_000, "target_test": 10_000}
@@ -85,10 +85,7 @@ def _setup(config: Config, sizes: dict[str, int]):
     configure_backends(config)
     torch.manual_seed(config.seed)
     data = synthetic_digits(sizes, device)
-    streams = (
-        BatchStream(len(data.source_train), config.batch_size, device, seed=2 * config.seed),
-        BatchStream(len(data.target_train), config.batch_size, device, seed=2 * config.seed + 1),
-    )
+    streams = batch_streams(data, config)
     model = ALGORITHMS[config.method](config, device)
     model.train_mode(True)
     return device, data, streams, model, TrainStep(model, data.source_train, data.target_train)

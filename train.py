@@ -273,31 +273,39 @@ class MCD(SourceOnly):
 ALGORITHMS = {"mcd": MCD, "source_only": SourceOnly}
 
 
+class HostCopy:
+    """A device value copied to the host without waiting for it: ready() says whether it has landed."""
+
+    def __init__(self, value: torch.Tensor):
+        if value.device.type == "cuda":
+            self.host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+            self.event: torch.cuda.Event | None = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = value.cpu(), None
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+
 class LiveLosses:
     """Running means on the progress bar without stalling the device: every few steps the sums are
     copied to the host asynchronously, and shown once that copy has landed (checked, never waited on)."""
 
-    def __init__(self, bar: tqdm, device: torch.device, every: int = 25):
-        self.bar, self.device, self.every = bar, device, every
-        self.pending: tuple[list[str], int, torch.Tensor, torch.cuda.Event | None] | None = None
+    def __init__(self, bar: tqdm, every: int = 25):
+        self.bar, self.every = bar, every
+        self.pending: tuple[list[str], int, HostCopy] | None = None
 
     def update(self, step: int, totals: dict[str, torch.Tensor]) -> None:
         if self.bar.disable:  # no terminal, no bar: nothing to copy
             return
         if self.pending is not None:
-            names, count, host, event = self.pending
-            if event is None or event.query():
-                self.bar.set_postfix({n: f"{v / count:.4f}" for n, v in zip(names, host.tolist())}, refresh=False)
+            names, count, copy = self.pending
+            if copy.ready():
+                self.bar.set_postfix({n: f"{v / count:.4f}" for n, v in zip(names, copy.host.tolist())}, refresh=False)
                 self.pending = None
         if step % self.every == 0 and self.pending is None:
-            sums = torch.stack(list(totals.values()))
-            if self.device.type == "cuda":
-                host = torch.empty(sums.shape, pin_memory=True).copy_(sums, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-            else:
-                host, event = sums.cpu(), None
-            self.pending = (list(totals), step + 1, host, event)
+            self.pending = (list(totals), step + 1, HostCopy(torch.stack(list(totals.values()))))
 
 
 class NonFiniteLoss(Exception):
@@ -317,7 +325,7 @@ class NonFiniteWatch:
         self.device = device
         self.every = every if device.type == "cuda" else 1
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self.pending: HostCopy | None = None
 
     def update(self, step: int, losses: dict[str, torch.Tensor]) -> None:
         bad = ~torch.isfinite(torch.stack(list(losses.values()))).all()
@@ -325,14 +333,11 @@ class NonFiniteWatch:
         if self.device.type != "cuda":
             self._raise_if_bad(int(self.first_bad))
             return
-        if self.pending is not None and self.pending[1].query():
-            self._raise_if_bad(int(self.pending[0]))
+        if self.pending is not None and self.pending.ready():
+            self._raise_if_bad(int(self.pending.host))
             self.pending = None
         if step % self.every == 0 and self.pending is None:
-            host = torch.empty((), dtype=torch.long, pin_memory=True).copy_(self.first_bad, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.pending = (host, event)
+            self.pending = HostCopy(self.first_bad)
 
     def finish(self) -> None:
         self._raise_if_bad(int(self.first_bad))
@@ -406,7 +411,7 @@ def train_epoch(
     source_stream, target_stream = streams
     totals: dict[str, torch.Tensor] = {}
     bar = tqdm(range(iterations), desc=desc, leave=False, dynamic_ncols=True, disable=None)
-    live = LiveLosses(bar, step.model.device)
+    live = LiveLosses(bar)
     watch = NonFiniteWatch(step.model.device)
     try:
         for i in bar:
@@ -420,6 +425,15 @@ def train_epoch(
         bar.close()
     means = torch.stack(list(totals.values())) / iterations
     return dict(zip(totals, means.tolist()))
+
+
+def batch_streams(data: Digits, config: Config) -> tuple[BatchStream, BatchStream]:
+    """Two independent index streams (source, target) on the data's device; seeds derive from the run's."""
+    device = data.source_train.labels.device
+    return (
+        BatchStream(len(data.source_train), config.batch_size, device, seed=2 * config.seed),
+        BatchStream(len(data.target_train), config.batch_size, device, seed=2 * config.seed + 1),
+    )
 
 
 def evaluate_all(model: SourceOnly, data: Digits, chunk_size: int) -> dict[str, float]:
@@ -688,34 +702,31 @@ def train(config: Config) -> dict[str, float | int | None]:
     row (the result). Raises OutputError / ResumeError / DataError before anything is written,
     Interrupted on SIGINT/SIGTERM and NonFiniteLoss, both keeping the last checkpoint and CSV intact."""
     csv_path = Path(config.csv)
+    saved_path = checkpoint_path(csv_path)
     check_output(config)
-    checkpoint = load_checkpoint(checkpoint_path(csv_path)) if config.resume else None
+    checkpoint = load_checkpoint(saved_path) if config.resume else None
     if checkpoint is not None:
-        _resume_from(checkpoint, config, checkpoint_path(csv_path))
+        _resume_from(checkpoint, config, saved_path)
     device = torch.device(config.device)
     configure_backends(config)
     seed_everything(config.seed)  # model init and dropout masks, on every device
     data = load_digits(config.data_root, config.download, config.allow_unverified_data, device)
-    # Two independent index streams; their seeds derive from the run's seed.
-    streams = (
-        BatchStream(len(data.source_train), config.batch_size, device, seed=2 * config.seed),
-        BatchStream(len(data.target_train), config.batch_size, device, seed=2 * config.seed + 1),
-    )
+    streams = batch_streams(data, config)
     iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
     model = ALGORITHMS[config.method](config, device)
     model.train_mode(True)
     rows: list[dict] = []
     resumed_at: list[int] = []
     if checkpoint is not None:
-        _restore(checkpoint, model, streams, data.files, checkpoint_path(csv_path))
+        _restore(checkpoint, model, streams, data.files, saved_path)
         rows, resumed_at = checkpoint["rows"], checkpoint["resumed_at"] + [checkpoint["epoch"]]
     else:
-        checkpoint_path(csv_path).unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
+        saved_path.unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
     step = TrainStep(model, data.source_train, data.target_train)
 
     record = run_record(config, data.files, device, iterations)
     record["resumed_at_epochs"] = resumed_at
-    checkpoints = CheckpointWriter(checkpoint_path(csv_path), ResultsWriter(config, record, rows))
+    checkpoints = CheckpointWriter(saved_path, ResultsWriter(config, record, rows))
     print(
         f"{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training images, "
         f"{config.epochs} epochs x {iterations} iterations on {device_name(device)} ({speed_label(config)})"

@@ -147,7 +147,7 @@ def test_live_losses_show_running_means_on_the_bar():
             self.postfix = values
 
     bar = Bar()
-    live = LiveLosses(bar, CPU, every=2)
+    live = LiveLosses(bar, every=2)
     totals = {"loss_source": torch.tensor(3.0)}
     live.update(0, totals)  # step 0: copy the sum of 1 step
     totals = {"loss_source": torch.tensor(5.0)}
