@@ -17,7 +17,7 @@ import torch
 
 from checkpoint import ResumeError
 from datasets import DataError
-from train import METHODS, PRECISIONS, Config, Interrupted, NonFiniteLoss, OutputError, checkpoint_path, train
+from train import DISCREPANCIES, METHODS, PRECISIONS, Config, Interrupted, NonFiniteLoss, OutputError, checkpoint_path, train
 
 
 SWITCH = ("auto", "on", "off")
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=defaults.seed, help="random seed (init, dropout, batch order)")
     add("--method", choices=METHODS, default=defaults.method,
         help="mcd: steps A, B, C; source_only: step A alone (the paper's baseline)")
+    add("--discrepancy", choices=DISCREPANCIES, default=defaults.discrepancy,
+        help="l1: the paper's mean |p1 - p2|; swd: sliced Wasserstein discrepancy (Lee et al., CVPR 2019)")
+    add("--swd-projections", type=_positive_int, default=defaults.swd_projections,
+        help="random unit directions per SWD evaluation (fresh each step)")
     add("--data-root", default=defaults.data_root, help="holds svhn/*.mat and MNIST/raw/* (torchvision layout)")
     add("--no-download", action="store_true", help="never download; fail with a list of missing files")
     add("--allow-unverified-data", action="store_true",
@@ -146,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         num_k=args.num_k,
         seed=args.seed,
         method=args.method,
+        discrepancy=args.discrepancy,
+        swd_projections=args.swd_projections,
         data_root=args.data_root,
         download=not args.no_download,
         allow_unverified_data=args.allow_unverified_data,

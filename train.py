@@ -52,6 +52,7 @@ from datasets import BatchStream, DataFile, Digits, DigitsSplit, load_digits, to
 from models import build_models
 
 METHODS = ("mcd", "source_only")
+DISCREPANCIES = ("l1", "swd")
 PRECISIONS = ("fp32", "tf32", "bf16")
 CSV_COLUMNS = (
     "epoch",
@@ -79,6 +80,8 @@ class Config:
     num_k: int = 4  # generator updates (step C) per iteration
     seed: int = 1
     method: str = "mcd"  # one of METHODS
+    discrepancy: str = "l1"  # one of DISCREPANCIES: the paper's L1, or the sliced Wasserstein discrepancy
+    swd_projections: int = 128  # random directions per SWD evaluation
     data_root: str = "./data"
     download: bool = True
     allow_unverified_data: bool = False
@@ -127,6 +130,21 @@ def speed_label(config: Config) -> str:
 def discrepancy(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
     """d(p1, p2): mean over batch and classes of |softmax(p1) - softmax(p2)|, computed in fp32."""
     return (logits1.float().softmax(dim=1) - logits2.float().softmax(dim=1)).abs().mean()
+
+
+def sliced_wasserstein_discrepancy(logits1: torch.Tensor, logits2: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """SWD (Lee et al., CVPR 2019): the two heads' softmax outputs (B, K) are projected on unit directions
+    (K, M); each projection is sorted over the batch, so matching sorted values compares the two 1-D
+    distributions (the 1-D Wasserstein-2 coupling); the result is the mean squared difference. fp32."""
+    projected1 = (logits1.float().softmax(dim=1) @ directions).sort(dim=0).values  # (B, M)
+    projected2 = (logits2.float().softmax(dim=1) @ directions).sort(dim=0).values
+    return (projected1 - projected2).pow(2).mean()
+
+
+def random_directions(classes: int, count: int, device: torch.device) -> torch.Tensor:
+    """(classes, count) directions drawn uniformly on the unit sphere: normalised Gaussian columns."""
+    directions = torch.randn(classes, count, device=device)
+    return directions / directions.norm(dim=0, keepdim=True)
 
 
 @contextlib.contextmanager
@@ -236,6 +254,13 @@ class SourceOnly:
 class MCD(SourceOnly):
     """Maximum Classifier Discrepancy: step A, then B (heads maximise d), then C (G minimises d)."""
 
+    def discrepancy(self, logits: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The configured d between the heads' logits; SWD draws fresh directions on every call."""
+        if self.config.discrepancy == "swd":
+            directions = random_directions(logits[0].shape[1], self.config.swd_projections, logits[0].device)
+            return sliced_wasserstein_discrepancy(*logits, directions)
+        return discrepancy(*logits)
+
     def step_b(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         """B: with G fixed, F1 and F2 minimise source CE - d on the target."""
         # G is fixed, so its outputs are constants: no graph through G, no wasted backward.
@@ -243,7 +268,7 @@ class MCD(SourceOnly):
         with torch.no_grad():
             features_s, features_t = self.features(xs), self.features(xt)
         source_loss = self.source_loss(self.heads(features_s), ys)
-        d = discrepancy(*self.heads(features_t))
+        d = self.discrepancy(self.heads(features_t))
         loss = source_loss - d
         self.opt_f.zero_grad()
         loss.backward()
@@ -255,7 +280,7 @@ class MCD(SourceOnly):
         total = torch.zeros((), device=xt.device)
         with frozen(self.F1, self.F2):
             for _ in range(self.config.num_k):
-                d = discrepancy(*self.heads(self.features(xt)))
+                d = self.discrepancy(self.heads(self.features(xt)))
                 self.opt_g.zero_grad()
                 d.backward()
                 self.opt_g.step()

@@ -5,7 +5,17 @@ import pytest
 import torch
 
 from datasets import BatchStream, DigitsSplit, load_digits, to_model_input
-from train import MCD, Config, LiveLosses, SourceOnly, TrainStep, discrepancy, train_epoch
+from train import (
+    MCD,
+    Config,
+    LiveLosses,
+    SourceOnly,
+    TrainStep,
+    discrepancy,
+    random_directions,
+    sliced_wasserstein_discrepancy,
+    train_epoch,
+)
 
 CPU = torch.device("cpu")
 
@@ -45,6 +55,45 @@ def test_discrepancy_matches_hand_computation():
     assert got.item() == pytest.approx(expected, abs=1e-3)
     assert discrepancy(torch.tensor(p1), torch.tensor(p2)).item() == pytest.approx(expected, rel=1e-6)
     assert discrepancy(torch.tensor(p1), torch.tensor(p1)).item() == 0.0
+
+
+def test_sliced_wasserstein_matches_hand_computation():
+    p1 = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5], [-1.0, 3.0, 0.0]])
+    p2 = np.array([[0.0, 1.0, 0.0], [1.0, -2.0, 2.0], [0.3, 0.1, 0.2]])
+    directions = np.array([[1.0, 0.0], [0.0, 0.6], [0.0, 0.8]])  # two unit columns
+    softmax = lambda z: np.exp(z) / np.exp(z).sum(1, keepdims=True)  # noqa: E731
+    sorted1 = np.sort(softmax(p1) @ directions, axis=0)  # sort each projection over the batch
+    sorted2 = np.sort(softmax(p2) @ directions, axis=0)
+    expected = ((sorted1 - sorted2) ** 2).mean()
+    got = sliced_wasserstein_discrepancy(torch.tensor(p1), torch.tensor(p2), torch.tensor(directions, dtype=torch.float32))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # Unlike L1, SWD compares distributions: the same outputs in another order are no discrepancy.
+    shuffled = torch.tensor(p1[[2, 0, 1]])
+    assert sliced_wasserstein_discrepancy(torch.tensor(p1), shuffled, torch.tensor(directions, dtype=torch.float32)).item() < 1e-12
+
+
+def test_sliced_wasserstein_is_zero_for_identical_inputs_and_differentiable():
+    torch.manual_seed(0)
+    logits1, logits2 = torch.randn(16, 10, requires_grad=True), torch.randn(16, 10, requires_grad=True)
+    directions = random_directions(10, 128, CPU)
+    assert directions.shape == (10, 128) and torch.allclose(directions.norm(dim=0), torch.ones(128))
+    assert sliced_wasserstein_discrepancy(logits1, logits1, directions).item() == 0.0
+    d = sliced_wasserstein_discrepancy(logits1, logits2, directions)
+    d.backward()
+    assert d.item() > 0 and logits1.grad.abs().sum() > 0 and torch.isfinite(logits2.grad).all()
+
+
+def test_mcd_with_swd_draws_fresh_directions_and_runs_the_three_steps():
+    torch.manual_seed(0)
+    model = MCD(Config(num_k=2, discrepancy="swd", swd_projections=16), CPU)
+    model.train_mode(False)  # same logits twice: only the directions can differ
+    logits = model.heads(model.features(torch.randn(8, 3, 32, 32)))
+    assert model.discrepancy(logits).item() != model.discrepancy(logits).item()
+    model.train_mode(True)
+    G0, F10 = _params(model.G), _params(model.F1)
+    losses = model.update(*_batch())
+    assert set(losses) == {"loss_source", "discrepancy_b", "discrepancy_c"}
+    assert not _same(G0, model.G) and not _same(F10, model.F1)
 
 
 def test_step_a_trains_G_and_both_heads(mcd):
