@@ -11,13 +11,30 @@ import shlex
 import sys
 import traceback
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from checkpoint import ResumeError
 from datasets import DataError
-from train import DISCREPANCIES, METHODS, PRECISIONS, Config, Interrupted, NonFiniteLoss, OutputError, checkpoint_path, train
+from train import (
+    DISCREPANCIES,
+    METHODS,
+    PRECISIONS,
+    Config,
+    Interrupted,
+    NonFiniteLoss,
+    OutputError,
+    check_output,
+    checkpoint_path,
+    seed_csv,
+    summarize,
+    summary_path,
+    summary_table,
+    train,
+    write_summary,
+)
 
 
 SWITCH = ("auto", "on", "off")
@@ -42,6 +59,18 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
     return value
+
+
+def _seeds(text: str) -> list[int]:
+    """'3' -> [3]; '1-5' -> [1, 2, 3, 4, 5]."""
+    first, _, last = text.partition("-")
+    try:
+        seeds = list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed or a range such as 1-5") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty range")
+    return seeds
 
 
 def _non_negative_float(text: str) -> float:
@@ -75,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight-decay", type=_non_negative_float, default=defaults.weight_decay, help="Adam weight decay (L2)")
     add("--num-k", type=_positive_int, default=defaults.num_k, help="generator updates (step C) per iteration")
     add("--seed", type=int, default=defaults.seed, help="random seed (init, dropout, batch order)")
+    add("--seeds", type=_seeds, nargs="+", default=None, metavar="SEED",
+        help="run once per seed (e.g. 1 2 3, or 1-5), each to CSV_seedN.csv, then write CSV_summary.csv "
+             "with mean ± std of the last epoch; overrides --seed")
     add("--method", choices=METHODS, default=defaults.method,
         help="mcd: steps A, B, C; source_only: step A alone (the paper's baseline)")
     add("--discrepancy", choices=DISCREPANCIES, default=defaults.discrepancy,
@@ -163,20 +195,49 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
     )
+    seeds = sorted({seed for group in args.seeds for seed in group}) if args.seeds else None
     try:
-        train(config)
+        if seeds:
+            run_seeds(config, seeds)
+        else:
+            train(config)
     except (DataError, OutputError, ResumeError) as error:
         return _fail(f"error: {error}", 2, args.debug)
     except NonFiniteLoss as error:
         return _fail(f"error: non-finite loss in epoch {error.epoch}, iteration {error.iteration}: training stopped; "
-                     f"{_saved(config, error.epoch - 1)} Lower --lr, or check the data.", 3, args.debug)
+                     f"{_saved(getattr(error, 'csv', config.csv), error.epoch - 1)} Lower --lr, or check the data.", 3, args.debug)
     except Interrupted as error:
-        again = ("Continue with: " + _command(argv, "--resume")) if error.epochs_saved else \
+        # A multi-seed run always continues with --resume: --overwrite would also replace finished seeds.
+        again = ("Continue with: " + _command(argv, "--resume")) if error.epochs_saved or seeds else \
             ("Start again with: " + _command(argv, "--overwrite"))
-        return _fail(f"\n{error}: {_saved(config, error.epochs_saved)} {again}", error.exit_code, args.debug)
+        saved = _saved(getattr(error, "csv", config.csv), error.epochs_saved)
+        return _fail(f"\n{error}: {saved} {again}", error.exit_code, args.debug)
     except KeyboardInterrupt:  # a SIGINT before training started
         return _fail("\ninterrupted before training started; nothing was written", 130, args.debug)
     return 0
+
+
+def run_seeds(config: Config, seeds: list[int]) -> None:
+    """The same configuration once per seed, one after another, then the summary over seeds."""
+    csv_path = Path(config.csv)
+    configs = [replace(config, seed=seed, csv=str(seed_csv(csv_path, seed))) for seed in seeds]
+    for each in configs:  # every output location is checked before the first seed trains
+        check_output(each if not each.resume else replace(each, resume=False, overwrite=True))
+    final_rows = {}
+    for each in configs:
+        if each.resume and not checkpoint_path(Path(each.csv)).exists():
+            # --resume of a multi-seed run: a seed that never finished an epoch has nothing to resume
+            each = replace(each, resume=False, overwrite=True)
+        print(f"== seed {each.seed}: {each.csv}")
+        try:
+            final_rows[each.seed] = train(each)
+        except (Interrupted, NonFiniteLoss) as error:
+            error.csv = each.csv  # the messages name this seed's files
+            raise
+    summary = summarize(final_rows)
+    write_summary(summary_path(csv_path), summary)
+    print(summary_table(summary))
+    print(f"wrote {summary_path(csv_path)}")
 
 
 def _fail(message: str, code: int, debug: bool) -> int:
@@ -186,10 +247,10 @@ def _fail(message: str, code: int, debug: bool) -> int:
     return code
 
 
-def _saved(config: Config, epochs: int) -> str:
+def _saved(csv: str, epochs: int) -> str:
     if epochs <= 0:
         return "no epoch had finished, so nothing was saved."
-    return f"{config.csv} and its checkpoint {checkpoint_path(Path(config.csv))} hold epochs 1-{epochs}."
+    return f"{csv} and its checkpoint {checkpoint_path(Path(csv))} hold epochs 1-{epochs}."
 
 
 def _command(argv: list[str] | None, flag: str) -> str:

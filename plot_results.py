@@ -1,8 +1,11 @@
-"""Draw source and target test accuracy per epoch from one or more results CSVs written by main.py.
+"""Draw test accuracies (top) and training losses (bottom) per epoch from results CSVs written by main.py.
 
     python plot_results.py results.csv [more.csv ...] [--out results.png]
+    python plot_results.py runs/mcd_seed1.csv runs/mcd_seed2.csv runs/mcd_seed3.csv   # mean ± std band
 
-Headless (Agg backend) and free of torch, so it runs anywhere matplotlib does.
+CSVs named STEM_seedN.csv with the same STEM are seeds of one configuration: they are drawn as their
+mean with a ±1 std band (sample std) over the epochs all of them reached. Headless (Agg backend) and
+free of torch, so it runs anywhere matplotlib does.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import argparse
 import csv
 import math
 import os
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,11 +24,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-# column -> legend text; colour marks the metric, line style marks the file
+# column -> legend text; colour marks the metric, line style marks the file (or the group of seeds)
 CURVES = {"source_acc": "source test", "target_acc_ensemble": "target test (ensemble)"}
-COLOURS = {"source_acc": "tab:blue", "target_acc_ensemble": "tab:red"}
+LOSSES = {"loss_source": "source CE (step A)", "discrepancy_b": "d in step B", "discrepancy_c": "d in step C"}
+COLOURS = {"source_acc": "tab:blue", "target_acc_ensemble": "tab:red",
+           "loss_source": "tab:green", "discrepancy_b": "tab:purple", "discrepancy_c": "tab:orange"}
 LINE_STYLES = ("-", "--", ":", "-.")
 REQUIRED = ("epoch", *CURVES)
+SEED_FILE = re.compile(r"^(?P<stem>.+)_seed(?P<seed>\d+)$")
 
 
 class PlotError(Exception):
@@ -42,7 +50,15 @@ def read_results(path: Path) -> dict[str, list[float]]:
         if missing:
             raise PlotError(f"{path}: not a results CSV from main.py (missing columns: {', '.join(missing)})")
         columns: dict[str, list[float]] = {c: [] for c in REQUIRED}
+        optional = [c for c in LOSSES if c in reader.fieldnames]
+        columns.update({c: [] for c in optional})
         for row in reader:
+            for column in optional:  # empty for source-only runs (no discrepancy): not drawn
+                text = row[column] or ""
+                try:
+                    columns[column].append(float(text) if text else math.nan)
+                except ValueError:
+                    raise PlotError(f"{path}, line {reader.line_num}: {column} is {text!r}, not a number") from None
             for column in REQUIRED:
                 if row[column] is None:
                     raise PlotError(f"{path}, line {reader.line_num}: the row ends before {column} (truncated file?)")
@@ -60,24 +76,56 @@ def read_results(path: Path) -> dict[str, list[float]]:
     return columns
 
 
-def _labels(paths: list[Path]) -> list[str]:
-    """File stems for the legend, or the full paths where two stems coincide."""
-    stems = [p.stem for p in paths]
-    return stems if len(set(stems)) == len(stems) else [str(p.with_suffix("")) for p in paths]
+def _groups(paths: list[Path]) -> list[tuple[str, list[int]]]:
+    """(legend label, indices of the files) per configuration: STEM_seedN.csv files with one STEM in one
+    folder form a group; every other file stands alone. Labels are stems, or paths where stems clash."""
+    keys: dict[str, list[int]] = {}
+    for index, path in enumerate(paths):
+        match = SEED_FILE.match(path.stem)
+        key = str(path.parent / match["stem"]) if match else str(path.with_suffix(""))
+        keys.setdefault(key, []).append(index)
+    stems = [Path(key).name for key in keys]
+    unique = len(set(stems)) == len(stems)
+    return [((Path(key).name if unique else key) + (f" ({len(members)} seeds)" if len(members) > 1 else ""), members)
+            for key, members in keys.items()]
+
+
+def _draw(axes, runs: list[dict[str, list[float]]], column: str, style: str, label: str) -> None:
+    """One run as a line; several seeds as their mean with a ±1 std band over the epochs all reached."""
+    if any(column not in run or all(math.isnan(v) for v in run[column]) for run in runs):
+        return
+    epochs = min(len(run["epoch"]) for run in runs)
+    x = runs[0]["epoch"][:epochs]
+    if len(runs) == 1:
+        axes.plot(x, runs[0][column], style, color=COLOURS[column], label=label)
+        return
+    values = [[run[column][i] for run in runs] for i in range(epochs)]
+    mean = [statistics.fmean(v) for v in values]
+    std = [statistics.stdev(v) for v in values]
+    axes.plot(x, mean, style, color=COLOURS[column], label=f"{label}, mean ± std")
+    axes.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                      color=COLOURS[column], alpha=0.2, linewidth=0)
 
 
 def plot(paths: list[Path], out: Path) -> None:
     results = [read_results(p) for p in paths]  # read all first: a bad file stops before drawing
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for index, (label, columns) in enumerate(zip(_labels(paths), results)):
+    figure, (accuracy, losses) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+    for index, (label, members) in enumerate(_groups(paths)):
         style = LINE_STYLES[index % len(LINE_STYLES)]
+        runs = [results[i] for i in members]
         for column, text in CURVES.items():
-            axes.plot(columns["epoch"], columns[column], style, color=COLOURS[column], label=f"{label}: {text}")
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title("MCD SVHN → MNIST: test accuracy per epoch")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+            _draw(accuracy, runs, column, style, f"{label}: {text}")
+        for column, text in LOSSES.items():
+            _draw(losses, runs, column, style, f"{label}: {text}")
+    accuracy.set_ylabel("accuracy (%)")
+    accuracy.set_title("test accuracy per epoch")
+    losses.set_ylabel("epoch mean (log scale)")
+    losses.set_yscale("log")
+    losses.set_xlabel("epoch")
+    losses.set_title("training losses and discrepancy")
+    for axes in (accuracy, losses):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
     figure.tight_layout()
     # Drawn into a temp file beside the target, then renamed: an existing picture is replaced whole or not at all.
     tmp = out.with_name(out.name + ".tmp")

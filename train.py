@@ -574,6 +574,61 @@ def check_output(config: Config) -> None:
                                   "or --overwrite to replace it")
 
 
+SUMMARY_METRICS = {
+    "target_acc_ensemble": "target (ensemble)",
+    "target_acc_f1": "target (F1)",
+    "target_acc_f2": "target (F2)",
+    "source_acc": "source (ensemble)",
+}
+
+
+def seed_csv(csv_path: Path, seed: int) -> Path:
+    """results.csv -> results_seed3.csv: one CSV (and .json, .pt) per seed of a multi-seed run."""
+    return csv_path.with_name(f"{csv_path.stem}_seed{seed}{csv_path.suffix}")
+
+
+def summary_path(csv_path: Path) -> Path:
+    """results.csv -> results_summary.csv."""
+    return csv_path.with_name(f"{csv_path.stem}_summary{csv_path.suffix}")
+
+
+def summarize(final_rows: dict[int, dict]) -> list[dict]:
+    """Per metric: mean and sample std over seeds of each seed's LAST-epoch value (never a best epoch)."""
+    seeds = list(final_rows)
+    summary = []
+    for metric, name in SUMMARY_METRICS.items():
+        values = [final_rows[seed][metric] for seed in seeds]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        summary.append({"metric": metric, "name": name, "mean": mean, "std": std,
+                        **{f"seed_{seed}": value for seed, value in zip(seeds, values)}})
+    return summary
+
+
+def write_summary(path: Path, summary: list[dict]) -> None:
+    """summary.csv: metric, mean, std, then one column per seed; written whole, then renamed."""
+    columns = ["metric", "mean", "std", *[key for key in summary[0] if key.startswith("seed_")]]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([_format(row[column]) if column != "metric" else row[column] for column in columns]
+                         for row in summary)
+    os.replace(tmp, path)
+
+
+def summary_table(summary: list[dict]) -> str:
+    """The paper's Table 1 form: mean ± std over seeds, and each seed's value."""
+    seeds = [key.removeprefix("seed_") for key in summary[0] if key.startswith("seed_")]
+    lines = [f"last epoch over seeds {', '.join(seeds)} (mean ± sample std):",
+             f"{'':20s} {'mean ± std':>16s}   per seed"]
+    for row in summary:
+        spread = f"{row['mean']:.2f} ± {row['std']:.2f}" if row["std"] is not None else f"{row['mean']:.2f}"
+        per_seed = ", ".join(f"{row[f'seed_{seed}']:.2f}" for seed in seeds)
+        lines.append(f"{row['name']:20s} {spread:>16s}   {per_seed}")
+    return "\n".join(lines)
+
+
 def run_record(config: Config, files: list[DataFile], device: torch.device, iterations: int) -> dict:
     """What results.json holds besides the rows: how to reproduce the run and what it ran on."""
     return {
