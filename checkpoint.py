@@ -50,15 +50,17 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.close(folder)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, flag: str = "--resume") -> dict:
+    """The checkpoint at path; `flag` (--resume, --evaluate) names what asked for it in the error."""
+    fix = "run again with --overwrite to start afresh" if flag == "--resume" else "give a .pt file written by main.py"
+    if not path.is_file():
+        raise ResumeError(f"{flag}: there is no checkpoint {path}; {fix}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupt, or not a checkpoint at all
-        raise ResumeError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}); "
-                          "run again with --overwrite to start afresh")
+        raise ResumeError(f"{flag}: {path} is not a readable checkpoint ({type(error).__name__}); {fix}")
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
-        raise ResumeError(f"--resume: {path} is not a checkpoint of this program (format {FORMAT_VERSION}); "
-                          "run again with --overwrite to start afresh")
+        raise ResumeError(f"{flag}: {path} is not a checkpoint of this program (format {FORMAT_VERSION}); {fix}")
     return checkpoint
 
 

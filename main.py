@@ -7,6 +7,8 @@ the CSV given by --csv and a results.json beside it.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import sys
 import traceback
@@ -16,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import ResumeError
-from datasets import DataError
+from checkpoint import ResumeError, load_checkpoint
+from datasets import DataError, load_digits
 from train import (
     DISCREPANCIES,
     METHODS,
@@ -28,6 +30,9 @@ from train import (
     OutputError,
     check_output,
     checkpoint_path,
+    device_name,
+    evaluate_all,
+    model_from_checkpoint,
     seed_csv,
     summarize,
     summary_path,
@@ -35,6 +40,7 @@ from train import (
     train,
     write_summary,
 )
+from visualize import picture_path, save_confusion
 
 
 SWITCH = ("auto", "on", "off")
@@ -113,13 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="l1: the paper's mean |p1 - p2|; swd: sliced Wasserstein discrepancy (Lee et al., CVPR 2019)")
     add("--swd-projections", type=_positive_int, default=defaults.swd_projections,
         help="random unit directions per SWD evaluation (fresh each step)")
-    add("--data-root", default=defaults.data_root, help="holds svhn/*.mat and MNIST/raw/* (torchvision layout)")
+    add("--data-root", default=None,
+        help=f"holds svhn/*.mat and MNIST/raw/* (torchvision layout); default {defaults.data_root}, or for "
+             "--evaluate the checkpoint's")
     add("--no-download", action="store_true", help="never download; fail with a list of missing files")
     add("--allow-unverified-data", action="store_true",
         help="load dataset files whose MD5 differs from the official release (e.g. the offline proxy), with a warning")
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
         help="auto: cuda if available, else mps, else cpu")
     add("--csv", default=defaults.csv, help="per-epoch results; results.json is written beside it")
+    add("--evaluate", metavar="CHECKPOINT", type=Path, default=None,
+        help="no training: evaluate a checkpoint (.pt) on the source and target test sets, print the accuracies "
+             "and write STEM_evaluation.json and STEM_confusion.png beside it")
     add("--eval-batch-size", type=_positive_int, default=defaults.eval_batch_size, help="images per evaluation chunk")
     runs = parser.add_argument_group("runs")
     once = runs.add_mutually_exclusive_group()
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         method=args.method,
         discrepancy=args.discrepancy,
         swd_projections=args.swd_projections,
-        data_root=args.data_root,
+        data_root=args.data_root or Config.data_root,
         download=not args.no_download,
         allow_unverified_data=args.allow_unverified_data,
         device=device,
@@ -197,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     seeds = sorted({seed for group in args.seeds for seed in group}) if args.seeds else None
     try:
-        if seeds:
+        if args.evaluate:
+            evaluate_checkpoint(args.evaluate, args, torch.device(device))
+        elif seeds:
             run_seeds(config, seeds)
         else:
             train(config)
@@ -215,6 +228,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a SIGINT before training started
         return _fail("\ninterrupted before training started; nothing was written", 130, args.debug)
     return 0
+
+
+def evaluate_checkpoint(path: Path, args: argparse.Namespace, device: torch.device) -> dict:
+    """--evaluate: the accuracies of a saved model, without training (the CSV columns of its last row)."""
+    checkpoint = load_checkpoint(path, flag="--evaluate")
+    saved = checkpoint["config"]
+    data = load_digits(args.data_root or saved["data_root"], not args.no_download,
+                       args.allow_unverified_data or saved["allow_unverified_data"], device)
+    model = model_from_checkpoint(checkpoint, device)
+    result = {"checkpoint": str(path), "epoch": checkpoint["epoch"], "method": saved["method"],
+              "device": device_name(device), **evaluate_all(model, data, args.eval_batch_size)}
+    out = path.with_name(f"{path.stem}_evaluation.json")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    save_confusion(model, data.target_test, picture_path(path, "confusion"), "target test, ensemble", args.eval_batch_size)
+    print(f"{path} (epoch {checkpoint['epoch']}): source {result['source_acc']:.2f}% | target F1 "
+          f"{result['target_acc_f1']:.2f}% F2 {result['target_acc_f2']:.2f}% ensemble {result['target_acc_ensemble']:.2f}%")
+    print(f"wrote {out} and {picture_path(path, 'confusion')}")
+    return result
 
 
 def run_seeds(config: Config, seeds: list[int]) -> None:

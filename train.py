@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from itertools import chain
 from pathlib import Path
 from typing import Iterator
@@ -234,19 +234,28 @@ class SourceOnly:
         return {"loss_source": self.step_a(xs, ys)}
 
     @torch.inference_mode()
-    def evaluate(self, split: DigitsSplit, chunk_size: int) -> tuple[float, float, float]:
-        """Accuracy in percent of F1, F2 and the ensemble argmax(logits1 + logits2), from one G pass."""
+    def eval_passes(self, images: torch.Tensor, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Eval-mode passes over (N, 3, 32, 32) uint8 images in chunks: (features (n, 3072), logits1 (n, 10),
+        logits2 (n, 10)) per chunk, logits in fp32. The modules are back in training mode afterwards."""
         self.train_mode(False)
-        correct = torch.zeros(3, dtype=torch.long, device=split.labels.device)
-        for start in range(0, len(split), chunk_size):
-            x = self.inputs(split.images[start : start + chunk_size])
-            y = split.labels[start : start + chunk_size]
-            with self.autocast():
-                features = self.G(x)
-                logits1, logits2 = self.F1(features).float(), self.F2(features).float()
-            predictions = torch.stack([logits1.argmax(1), logits2.argmax(1), (logits1 + logits2).argmax(1)])
-            correct += (predictions == y).sum(dim=1)
-        self.train_mode(True)
+        try:
+            for start in range(0, len(images), chunk_size):
+                x = self.inputs(images[start : start + chunk_size])
+                with self.autocast():
+                    features = self.G(x)
+                    logits1, logits2 = self.F1(features).float(), self.F2(features).float()
+                yield features, logits1, logits2
+        finally:
+            self.train_mode(True)
+
+    def predictions(self, split: DigitsSplit, chunk_size: int) -> torch.Tensor:
+        """(3, N) predicted classes of F1, F2 and the ensemble argmax(logits1 + logits2), one G pass each."""
+        return torch.cat([torch.stack([l1.argmax(1), l2.argmax(1), (l1 + l2).argmax(1)])
+                          for _, l1, l2 in self.eval_passes(split.images, chunk_size)], dim=1)
+
+    def evaluate(self, split: DigitsSplit, chunk_size: int) -> tuple[float, float, float]:
+        """Accuracy in percent of F1, F2 and the ensemble (one host read)."""
+        correct = (self.predictions(split, chunk_size) == split.labels).sum(dim=1)
         f1, f2, ensemble = (100.0 * c / len(split) for c in correct.tolist())
         return f1, f2, ensemble
 
@@ -752,6 +761,17 @@ def checkpoint_payload(config: Config, model: SourceOnly, streams: tuple[BatchSt
     }
 
 
+def model_from_checkpoint(checkpoint: dict, device: torch.device) -> SourceOnly:
+    """The trained G, F1, F2 of a checkpoint, on `device`, for evaluation (eager, no optimiser tricks)."""
+    known = {f.name for f in fields(Config)}
+    saved = {key: value for key, value in checkpoint["config"].items() if key in known}
+    config = replace(Config(**saved), device=str(device), cuda_graph=False, compile=False)
+    model = ALGORITHMS[config.method](config, device)
+    for name, module in (("G", model.G), ("F1", model.F1), ("F2", model.F2)):
+        module.load_state_dict(checkpoint["models"][name])
+    return model
+
+
 def _resume_from(checkpoint: dict, config: Config, path: Path) -> None:
     """Refuses a checkpoint that cannot continue this run, naming what differs."""
     differences = config_differences(checkpoint["config"], asdict(config))
@@ -845,4 +865,8 @@ def train(config: Config) -> dict[str, float | int | None]:
         raise
     finally:
         checkpoints.close()
+    from visualize import picture_path, save_confusion  # here: visualize imports this module
+
+    save_confusion(model, data.target_test, picture_path(saved_path, "confusion"), f"{config.method}, target test, ensemble",
+                   config.eval_batch_size)
     return rows[-1]

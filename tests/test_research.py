@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import main as main_module
 import plot_results
+import visualize
 from train import CSV_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +73,49 @@ def test_plot_groups_seed_files_into_a_band(seed_runs, tmp_path):
     assert result.returncode == 0, result.stderr
     data = out.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 20_000  # two panels with curves, not an empty canvas
+
+
+def test_training_ends_with_a_confusion_matrix_picture(seed_runs):
+    for seed in (1, 2, 3):
+        data = (seed_runs.parent / f"mcd_seed{seed}_confusion.png").read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 20_000
+
+
+def test_confusion_matrix_counts_true_rows_and_predicted_columns():
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    predicted = np.array([0, 1, 1, 2, 0, 2])
+    matrix = visualize.confusion_matrix(predicted, labels, classes=3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_evaluate_reproduces_the_last_row_without_training(seed_runs, capsys):
+    checkpoint = seed_runs.parent / "mcd_seed2.pt"
+    before = checkpoint.read_bytes()
+    assert main_module.main(["--evaluate", str(checkpoint), "--device", "cpu", "--no-download"]) == 0
+    out = capsys.readouterr().out
+    last = _rows(seed_runs.parent / "mcd_seed2.csv")[-1]
+    result = json.loads((seed_runs.parent / "mcd_seed2_evaluation.json").read_text())
+    for metric in ("source_acc", "target_acc_f1", "target_acc_f2", "target_acc_ensemble"):
+        assert result[metric] == pytest.approx(float(last[metric]), abs=1e-4)  # same weights, same numbers
+    assert f"ensemble {float(last['target_acc_ensemble']):.2f}%" in out and result["epoch"] == 2
+    assert checkpoint.read_bytes() == before  # evaluation trains nothing and saves nothing over it
+
+
+def test_evaluate_a_missing_or_foreign_checkpoint_is_one_line(tmp_path, capsys):
+    assert main_module.main(["--evaluate", str(tmp_path / "none.pt"), "--device", "cpu"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    (tmp_path / "foreign.pt").write_bytes(b"not torch")
+    assert main_module.main(["--evaluate", str(tmp_path / "foreign.pt"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a readable checkpoint" in err
+
+
+def test_visualize_draws_tsne_of_two_models_and_the_confusion_matrix(seed_runs):
+    folder = seed_runs.parent
+    result = subprocess.run([sys.executable, str(ROOT / "visualize.py"), str(folder / "mcd_seed1.pt"), "--compare",
+                             str(folder / "mcd_seed3.pt"), "--images", "60", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for kind, least in (("tsne", 60_000), ("confusion", 20_000)):
+        data = (folder / f"mcd_seed1_{kind}.png").read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > least

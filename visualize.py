@@ -1,0 +1,145 @@
+"""Pictures of a trained model: what adaptation did to the features, and where the target errors are.
+
+    python visualize.py runs/mcd.pt                                  # t-SNE + confusion matrix
+    python visualize.py runs/mcd.pt --compare runs/source_only.pt    # the same, beside the baseline
+
+Writes STEM_tsne.png (G's features of source and target test images, embedded with scikit-learn's
+t-SNE, coloured by domain and by class: with MCD the target clusters should sit on the source's) and
+STEM_confusion.png (target test set, ensemble of F1 and F2) beside the checkpoint. Data come from the
+checkpoint's --data-root unless --data-root is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from checkpoint import ResumeError, load_checkpoint  # noqa: E402
+from datasets import DataError, Digits, DigitsSplit, load_digits  # noqa: E402
+from models import NUM_CLASSES  # noqa: E402
+from train import SourceOnly, model_from_checkpoint  # noqa: E402
+
+DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:red"}
+
+
+def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
+    """(classes, classes) counts: row = true class, column = predicted class."""
+    return np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+
+
+def _save(figure: plt.Figure, out: Path) -> None:
+    """Into a temp file beside the target, then renamed: an existing picture is replaced whole or not at all."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        figure.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(figure)
+        tmp.unlink(missing_ok=True)
+
+
+def save_confusion(model: SourceOnly, split: DigitsSplit, out: Path, title: str, chunk_size: int = 2048) -> np.ndarray:
+    """The ensemble's confusion matrix on `split` as a PNG (colour: share of the true class; text: counts)."""
+    predicted = model.predictions(split, chunk_size)[2].cpu().numpy()
+    matrix = confusion_matrix(predicted, split.labels.cpu().numpy())
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure, axes = plt.subplots(figsize=(6.4, 5.6))
+    image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for true in range(NUM_CLASSES):
+        for guess in range(NUM_CLASSES):
+            axes.text(guess, true, str(matrix[true, guess]), ha="center", va="center", fontsize=7,
+                      color="white" if share[true, guess] > 0.5 else "black")
+    accuracy = 100.0 * np.trace(matrix) / max(matrix.sum(), 1)
+    axes.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted digit", ylabel="true digit",
+             title=f"{title}: accuracy {accuracy:.2f}%")
+    figure.colorbar(image, ax=axes, label="share of the true digit")
+    figure.tight_layout()
+    _save(figure, out)
+    return matrix
+
+
+def _subset(split: DigitsSplit, count: int, seed: int) -> DigitsSplit:
+    """`count` images drawn without replacement (all when the split is smaller), the same for every model."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(split), generator=generator)[:count].to(split.labels.device)
+    return DigitsSplit(split.images[index], split.labels[index])
+
+
+def tsne_points(model: SourceOnly, source: DigitsSplit, target: DigitsSplit, seed: int) -> np.ndarray:
+    """2-D t-SNE of G's eval-mode features of the source images followed by the target images."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    features = torch.cat([f.float() for split in (source, target) for f, _, _ in model.eval_passes(split.images, 2048)])
+    features = features.cpu().numpy()
+    reduced = PCA(n_components=min(50, *features.shape), random_state=seed).fit_transform(features)  # t-SNE's usual first step
+    return TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(features) - 1) / 3), random_state=seed).fit_transform(reduced)
+
+
+def save_tsne(models: list[tuple[str, SourceOnly]], data: Digits, out: Path, images: int, seed: int = 0) -> None:
+    """One row per model: features coloured by domain (left) and by class, target as crosses (right)."""
+    source, target = _subset(data.source_test, images, seed), _subset(data.target_test, images, seed + 1)
+    domains = np.array(["source"] * len(source) + ["target"] * len(target))
+    classes = torch.cat([source.labels, target.labels]).cpu().numpy()
+    figure, axes = plt.subplots(len(models), 2, figsize=(11, 5 * len(models)), squeeze=False)
+    for row, (name, model) in enumerate(models):
+        points = tsne_points(model, source, target, seed)
+        by_domain, by_class = axes[row]
+        for domain, colour in DOMAIN_COLOURS.items():
+            chosen = domains == domain
+            by_domain.scatter(*points[chosen].T, s=4, c=colour, alpha=0.5, label=f"{domain} ({chosen.sum()})")
+        by_domain.legend(markerscale=3)
+        by_domain.set_title(f"{name}: by domain")
+        for domain, marker in (("source", "o"), ("target", "x")):
+            chosen = domains == domain
+            by_class.scatter(*points[chosen].T, s=5, c=classes[chosen], cmap="tab10", vmin=0, vmax=9, marker=marker,
+                             alpha=0.6, linewidths=0.6)
+        by_class.set_title(f"{name}: by digit (o source, x target)")
+        for axes_ in (by_domain, by_class):
+            axes_.set_xticks([])
+            axes_.set_yticks([])
+    figure.tight_layout()
+    _save(figure, out)
+
+
+def picture_path(checkpoint: Path, kind: str) -> Path:
+    """runs/mcd.pt -> runs/mcd_tsne.png, runs/mcd_confusion.png."""
+    return checkpoint.with_name(f"{checkpoint.stem}_{kind}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a .pt written by main.py")
+    parser.add_argument("--compare", type=Path, default=None, help="a second checkpoint (e.g. source-only) for the t-SNE")
+    parser.add_argument("--images", type=int, default=1000, help="test images per domain in the t-SNE")
+    parser.add_argument("--data-root", default=None, help="default: the checkpoint's")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    try:
+        checkpoints = [(path, load_checkpoint(path, flag="visualize")) for path in filter(None, (args.checkpoint, args.compare))]
+        saved = checkpoints[0][1]["config"]
+        data = load_digits(args.data_root or saved["data_root"], download=False,
+                           allow_unverified=saved["allow_unverified_data"], device=device)
+        models = [(f"{path.stem} ({c['config']['method']}, epoch {c['epoch']})", model_from_checkpoint(c, device))
+                  for path, c in checkpoints]
+        save_confusion(models[0][1], data.target_test, picture_path(args.checkpoint, "confusion"), "target test, ensemble")
+        save_tsne(models, data, picture_path(args.checkpoint, "tsne"), args.images)
+    except (DataError, ResumeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {picture_path(args.checkpoint, 'confusion')} and {picture_path(args.checkpoint, 'tsne')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
