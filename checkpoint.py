@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 # Config keys that change what a run computes: a resumed run must match its checkpoint on every one.
 # (epochs may grow to extend a run; paths, evaluation chunking and the speed switches other than
 # precision only change where files are or how fast the same arithmetic runs.)
-RESULT_KEYS = ("method", "discrepancy", "swd_projections", "batch_size", "iters_per_epoch", "lr", "weight_decay",
+RESULT_KEYS = ("method", "source", "target", "small_subsets", "discrepancy", "swd_projections", "batch_size", "iters_per_epoch", "lr", "weight_decay",
                "num_k", "seed", "precision", "deterministic")
 
 

@@ -1,16 +1,20 @@
-"""SVHN and MNIST for MCD: torchvision's files, URLs and checksums; data held on the device as uint8.
+"""SVHN, MNIST and USPS for MCD: torchvision's files, URLs and checksums; data held on the device as uint8.
 
-Layout under the data root (torchvision's own):
+Layout under the data root (torchvision's own file names):
     DATA_ROOT/svhn/{train,test}_32x32.mat
     DATA_ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+    DATA_ROOT/usps/usps.bz2, usps.t.bz2          (LIBSVM's bzip2 text files, 16x16 in [-1, 1])
 
-Preprocessing follows the original MCD code: MNIST 28x28 -> 32x32 (bilinear), grey repeated to
-3 channels; every image scaled to [-1, 1] (ToTensor then Normalize(0.5, 0.5)); SVHN's label 10 is
-the digit 0. The resize happens once at load time, the scaling once per batch on the device.
+Preprocessing follows the original MCD code's two setups. A pair with SVHN is 32x32 RGB: MNIST and
+USPS are resized (bilinear) and grey is repeated to 3 channels. MNIST <-> USPS is 28x28 grey: USPS is
+resized 16 -> 28. Every image is scaled to [-1, 1] (ToTensor then Normalize(0.5, 0.5)); SVHN's label
+10 is the digit 0, USPS's labels 1..10 are the digits 0..9. The resize happens once at load time,
+the scaling once per batch on the device.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import os
@@ -23,17 +27,33 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import MNIST, SVHN
+from torchvision.datasets import MNIST, SVHN, USPS
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
 
 # Official URLs and MD5s, taken from torchvision so there is one source of truth.
 # SVHN: split -> (url, filename, md5 of the .mat). MNIST: .gz filename -> md5, tried on each mirror.
 SVHN_FILES: dict[str, tuple[str, str, str]] = {split: tuple(SVHN.split_list[split]) for split in ("train", "test")}
+USPS_FILES: dict[str, tuple[str, str, str]] = {split: tuple(USPS.split_list[split]) for split in ("train", "test")}
 MNIST_GZ_MD5: dict[str, str] = dict(MNIST.resources)
 MNIST_MIRRORS: list[str] = list(MNIST.mirrors)
 
-IMAGE_SIZE = 32
+DOMAINS = ("svhn", "mnist", "usps")
+# The paper's default MNIST <-> USPS protocol draws random training subsets of these sizes.
+SMALL_TRAIN_SIZES = {"mnist": 2000, "usps": 1800}
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """What every image of a run is turned into: size x size pixels, 1 (grey) or 3 (RGB) channels."""
+
+    size: int
+    channels: int
+
+
+def image_format(source: str, target: str) -> ImageFormat:
+    """The paper's setups: a pair with SVHN at SVHN's 32x32 RGB; MNIST <-> USPS at 28x28 grey."""
+    return ImageFormat(32, 3) if "svhn" in (source, target) else ImageFormat(28, 1)
 
 
 class DataError(Exception):
@@ -51,7 +71,7 @@ class DataFile:
 
 @dataclass
 class DigitsSplit:
-    """A whole split on the training device: images uint8 (N, 3, 32, 32), labels int64 (N,)."""
+    """A whole split on the training device: images uint8 (N, C, H, W), labels int64 (N,)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -62,7 +82,7 @@ class DigitsSplit:
 
 @dataclass
 class Digits:
-    """Source (SVHN) and target (MNIST) splits, plus the files they came from."""
+    """Source and target splits (SVHN and MNIST by default), plus the files they came from."""
 
     source_train: DigitsSplit
     source_test: DigitsSplit
@@ -155,9 +175,8 @@ def _check_md5(path: Path, md5: str, expected: str, allow_unverified: bool) -> b
     return md5 == expected or _unverified(message, "delete it to download it again", allow_unverified)
 
 
-def _svhn_file(root: Path, split: str, allow_unverified: bool) -> DataFile:
-    url, filename, expected = SVHN_FILES[split]
-    path = root / "svhn" / filename
+def _single_file(path: Path, url: str, expected: str, allow_unverified: bool) -> DataFile:
+    """A dataset that is one file per split (SVHN's .mat, USPS's .bz2): downloaded if absent, then checked."""
     if not path.exists():
         try:
             _download(url, path, expected)
@@ -203,16 +222,18 @@ def _mnist_file(root: Path, stem: str, allow_unverified: bool) -> DataFile:
     return DataFile(str(path), md5, verified)
 
 
-def _missing_files(root: Path) -> list[str]:
-    """Each dataset file that is absent, with where it comes from and where it belongs."""
+def _missing_files(root: Path, domains: tuple[str, ...]) -> list[str]:
+    """Each file of these domains that is absent, with where it comes from and where it belongs."""
     missing = []
-    for url, filename, _ in SVHN_FILES.values():
-        if not (root / "svhn" / filename).exists():
-            missing.append(f"{root / 'svhn' / filename} (from {url})")
-    for gz_name in MNIST_GZ_MD5:
-        gz = root / "MNIST" / "raw" / gz_name
-        if not gz.exists() and not gz.with_suffix("").exists():
-            missing.append(f"{gz} (from {MNIST_MIRRORS[0]}{gz_name})")
+    for domain, files in (("svhn", SVHN_FILES), ("usps", USPS_FILES)):
+        if domain in domains:
+            missing += [f"{root / domain / filename} (from {url})" for url, filename, _ in files.values()
+                        if not (root / domain / filename).exists()]
+    if "mnist" in domains:
+        for gz_name in MNIST_GZ_MD5:
+            gz = root / "MNIST" / "raw" / gz_name
+            if not gz.exists() and not gz.with_suffix("").exists():
+                missing.append(f"{gz} (from {MNIST_MIRRORS[0]}{gz_name})")
     return missing
 
 
@@ -261,40 +282,96 @@ def _read_mnist(images_path: str, labels_path: str) -> tuple[torch.Tensor, torch
     return images, labels
 
 
-def _mnist_to_32x32_rgb(images: torch.Tensor) -> torch.Tensor:
-    """(N, 28, 28) uint8 -> (N, 3, 32, 32) uint8: bilinear resize (as PIL's), grey repeated to RGB."""
-    resized = F.interpolate(images[:, None].float(), size=IMAGE_SIZE, mode="bilinear", align_corners=False, antialias=True)
-    return resized.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+def _read_usps(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """LIBSVM text in bzip2: per line 'label 1:v1 ... 256:v256', v in [-1, 1] for a 16x16 image, label 1..10."""
+    try:
+        with bz2.open(path, "rt") as file:
+            rows = [line.split() for line in file if line.strip()]
+        labels = np.array([int(float(row[0])) for row in rows], dtype=np.int64)
+        values = np.array([[float(item.split(":")[-1]) for item in row[1:]] for row in rows], dtype=np.float32)
+    except (OSError, EOFError, ValueError, IndexError) as error:
+        raise DataError(f"{path} is not a readable USPS .bz2 file ({error}); delete it and download it again")
+    if values.ndim != 2 or values.shape[1] != 16 * 16:
+        raise DataError(f"{path}: every USPS line must hold 256 pixel values (16 x 16)")
+    if labels.size and (labels.min() < 1 or labels.max() > 10):
+        raise DataError(f"{path}: labels must be 1..10, found {labels.min()}..{labels.max()}")
+    images = np.round((values.clip(-1, 1) + 1) / 2 * 255).astype(np.uint8).reshape(-1, 16, 16)
+    return torch.from_numpy(images), torch.from_numpy(labels - 1)
+
+
+def to_format(images: torch.Tensor, fmt: ImageFormat) -> torch.Tensor:
+    """(N, H, W) uint8 grey -> (N, C, size, size) uint8: bilinear resize as PIL's (antialiased when shrinking),
+    grey repeated to C channels."""
+    x = images[:, None]
+    if images.shape[-1] != fmt.size:
+        x = F.interpolate(x.float(), size=fmt.size, mode="bilinear", align_corners=False, antialias=True)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+    return x.expand(-1, fmt.channels, -1, -1).contiguous()
+
+
+def _load_domain(domain: str, root: Path, fmt: ImageFormat, allow_unverified: bool, device: torch.device
+                 ) -> tuple[DigitsSplit, DigitsSplit, list[DataFile]]:
+    """(train, test, files) of one dataset, in the run's image format, on the device."""
+    splits, files = {}, []
+    for split in ("train", "test"):
+        if domain == "svhn":
+            url, filename, expected = SVHN_FILES[split]
+            record = _single_file(root / "svhn" / filename, url, expected, allow_unverified)
+            images, labels = _read_svhn(record.path)
+            images, labels = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
+            records = [record]
+        elif domain == "usps":
+            url, filename, expected = USPS_FILES[split]
+            records = [_single_file(root / "usps" / filename, url, expected, allow_unverified)]
+            images, labels = _read_usps(records[0].path)
+        else:
+            prefix = "train" if split == "train" else "t10k"
+            records = [_mnist_file(root, f"{prefix}-{kind}", allow_unverified) for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+            images, labels = _read_mnist(records[0].path, records[1].path)
+        files += records
+        if domain != "svhn":  # SVHN is always used as it comes: 32x32 RGB
+            images = to_format(images.to(device), fmt)
+        splits[split] = DigitsSplit(images.to(device), labels.to(device))
+    return splits["train"], splits["test"], files
+
+
+def _random_subset(split: DigitsSplit, size: int, seed: int) -> DigitsSplit:
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(split), generator=generator)[:size].to(split.labels.device)
+    return DigitsSplit(split.images[index], split.labels[index])
 
 
 def load_digits(
-    data_root: str | os.PathLike, download: bool, allow_unverified: bool, device: torch.device
+    data_root: str | os.PathLike,
+    download: bool,
+    allow_unverified: bool,
+    device: torch.device,
+    source: str = "svhn",
+    target: str = "mnist",
+    small_subsets: bool = False,
+    subset_seed: int = 0,
 ) -> Digits:
-    """Load SVHN (source) and MNIST (target), downloading what is missing unless told not to."""
+    """Load the source and target datasets, downloading what is missing unless told not to. With
+    small_subsets, MNIST and USPS training sets are random subsets of the paper's sizes (2,000 / 1,800),
+    drawn with subset_seed; test sets are always whole."""
+    if source == target or {source, target} - set(DOMAINS):
+        raise DataError(f"--source {source} --target {target}: choose two different datasets of {', '.join(DOMAINS)}")
     root = Path(data_root)
     if root.exists() and not root.is_dir():
-        raise DataError(f"--data-root {root} is not a directory; give the folder that holds svhn/ and MNIST/")
+        raise DataError(f"--data-root {root} is not a directory; give the folder that holds svhn/, MNIST/ and usps/")
     if root.exists() and not os.access(root, os.R_OK | os.X_OK):
         raise DataError(f"--data-root {root} is not readable by this user; fix its permissions or choose another folder")
-    missing = _missing_files(root)
+    missing = _missing_files(root, (source, target))
     if missing and not download:
         where = "missing dataset files" if root.exists() else f"--data-root {root} does not exist"
         raise DataError(f"{where} (--no-download): " + "; ".join(missing) + ". Download them there, or drop --no-download")
 
-    files: list[DataFile] = []
-    svhn = {}
-    for split in ("train", "test"):
-        record = _svhn_file(root, split, allow_unverified)
-        files.append(record)
-        images, labels = _read_svhn(record.path)
-        svhn[split] = DigitsSplit(torch.from_numpy(np.ascontiguousarray(images)).to(device), torch.from_numpy(labels).to(device))
-
-    mnist = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        image_record = _mnist_file(root, f"{prefix}-images-idx3-ubyte", allow_unverified)
-        label_record = _mnist_file(root, f"{prefix}-labels-idx1-ubyte", allow_unverified)
-        files += [image_record, label_record]
-        images, labels = _read_mnist(image_record.path, label_record.path)
-        mnist[split] = DigitsSplit(_mnist_to_32x32_rgb(images.to(device)), labels.to(device))
-
-    return Digits(svhn["train"], svhn["test"], mnist["train"], mnist["test"], files)
+    fmt = image_format(source, target)
+    source_train, source_test, source_files = _load_domain(source, root, fmt, allow_unverified, device)
+    target_train, target_test, target_files = _load_domain(target, root, fmt, allow_unverified, device)
+    if small_subsets:
+        if source in SMALL_TRAIN_SIZES:
+            source_train = _random_subset(source_train, SMALL_TRAIN_SIZES[source], subset_seed)
+        if target in SMALL_TRAIN_SIZES:
+            target_train = _random_subset(target_train, SMALL_TRAIN_SIZES[target], subset_seed + 1)
+    return Digits(source_train, source_test, target_train, target_test, source_files + target_files)

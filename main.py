@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import ResumeError, load_checkpoint
-from datasets import DataError, load_digits
+from datasets import DOMAINS, DataError, load_digits
 from train import (
     DISCREPANCIES,
     METHODS,
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = OneLineErrors(
         prog="main.py",
-        description="Maximum Classifier Discrepancy (CVPR 2018) domain adaptation, SVHN -> MNIST.",
+        description="Maximum Classifier Discrepancy (CVPR 2018) domain adaptation: SVHN -> MNIST, MNIST <-> USPS.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
              "with mean ± std of the last epoch; overrides --seed")
     add("--method", choices=METHODS, default=defaults.method,
         help="mcd: steps A, B, C; source_only: step A alone (the paper's baseline)")
+    add("--source", choices=DOMAINS, default=defaults.source, help="labelled source dataset")
+    add("--target", choices=DOMAINS, default=defaults.target,
+        help="unlabelled target dataset; MNIST <-> USPS use 28x28 grey images and the paper's LeNet-style network")
+    add("--small-subsets", action="store_true",
+        help="the paper's MNIST <-> USPS protocol: random 2,000 MNIST / 1,800 USPS training images (per seed)")
     add("--discrepancy", choices=DISCREPANCIES, default=defaults.discrepancy,
         help="l1: the paper's mean |p1 - p2|; swd: sliced Wasserstein discrepancy (Lee et al., CVPR 2019)")
     add("--swd-projections", type=_positive_int, default=defaults.swd_projections,
@@ -193,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         num_k=args.num_k,
         seed=args.seed,
         method=args.method,
+        source=args.source,
+        target=args.target,
+        small_subsets=args.small_subsets,
         discrepancy=args.discrepancy,
         swd_projections=args.swd_projections,
         data_root=args.data_root or Config.data_root,
@@ -235,7 +243,9 @@ def evaluate_checkpoint(path: Path, args: argparse.Namespace, device: torch.devi
     checkpoint = load_checkpoint(path, flag="--evaluate")
     saved = checkpoint["config"]
     data = load_digits(args.data_root or saved["data_root"], not args.no_download,
-                       args.allow_unverified_data or saved["allow_unverified_data"], device)
+                       args.allow_unverified_data or saved["allow_unverified_data"], device,
+                       saved.get("source", "svhn"), saved.get("target", "mnist"), saved.get("small_subsets", False),
+                       subset_seed=saved["seed"])
     model = model_from_checkpoint(checkpoint, device)
     result = {"checkpoint": str(path), "epoch": checkpoint["epoch"], "method": saved["method"],
               "device": device_name(device), **evaluate_all(model, data, args.eval_batch_size)}

@@ -1,7 +1,9 @@
-"""The paper's SVHN->MNIST network: a feature generator G and two classifier heads F1, F2.
+"""The paper's networks: a feature generator G and two classifier heads F1, F2.
 
-Architecture of the original code's "svhn2mnist" model, without the layers it defined but never used.
-Default PyTorch initialisation; F1 and F2 differ only by their random init.
+- "svhn2mnist" (32x32 RGB, any pair with SVHN): the original code's model of that name.
+- "usps" (28x28 grey, MNIST <-> USPS): the original code's smaller LeNet-style model of that name.
+Both without the layers the original defined but never used. Default PyTorch initialisation; F1 and
+F2 differ only by their random init.
 """
 
 from __future__ import annotations
@@ -62,6 +64,58 @@ class Classifier(nn.Module):
         return self.net(features)
 
 
-def build_models(device: torch.device) -> tuple[Generator, Classifier, Classifier]:
+class LeNetGenerator(nn.Module):
+    """G of the MNIST <-> USPS setup: (B, 1, 28, 28) in [-1, 1] -> (B, 768) features."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=5),  # -> (B, 32, 24, 24)
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),  # -> (B, 32, 12, 12)
+            nn.Conv2d(32, 48, kernel_size=5),  # -> (B, 48, 8, 8)
+            nn.BatchNorm2d(48),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),  # -> (B, 48, 4, 4)
+            nn.Flatten(),  # -> (B, 768)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class LeNetClassifier(nn.Module):
+    """F1 / F2 of the MNIST <-> USPS setup: (B, 768) -> (B, 10), dropout 0.5 before each fc (training only)."""
+
+    def __init__(self, dropout: float = 0.5):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(48 * 4 * 4, 100),
+            nn.BatchNorm1d(100),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(100, 100),
+            nn.BatchNorm1d(100),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(100, NUM_CLASSES),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+ARCHITECTURES = {"svhn2mnist": (Generator, Classifier), "usps": (LeNetGenerator, LeNetClassifier)}
+
+
+def architecture_for(source: str, target: str) -> str:
+    """The paper's choice: the SVHN network for any pair with SVHN, the LeNet-style one for MNIST <-> USPS."""
+    return "svhn2mnist" if "svhn" in (source, target) else "usps"
+
+
+def build_models(device: torch.device, architecture: str = "svhn2mnist") -> tuple[nn.Module, nn.Module, nn.Module]:
     """G, F1, F2 on the device, initialised from the current torch seed."""
-    return Generator().to(device), Classifier().to(device), Classifier().to(device)
+    generator, classifier = ARCHITECTURES[architecture]
+    return generator().to(device), classifier().to(device), classifier().to(device)

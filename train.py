@@ -49,7 +49,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from datasets import BatchStream, DataFile, Digits, DigitsSplit, load_digits, to_model_input
-from models import build_models
+from models import architecture_for, build_models
 
 METHODS = ("mcd", "source_only")
 DISCREPANCIES = ("l1", "swd")
@@ -80,6 +80,9 @@ class Config:
     num_k: int = 4  # generator updates (step C) per iteration
     seed: int = 1
     method: str = "mcd"  # one of METHODS
+    source: str = "svhn"  # one of datasets.DOMAINS
+    target: str = "mnist"
+    small_subsets: bool = False  # MNIST / USPS training sets: the paper's random 2,000 / 1,800 (seeded by seed)
     discrepancy: str = "l1"  # one of DISCREPANCIES: the paper's L1, or the sliced Wasserstein discrepancy
     swd_projections: int = 128  # random directions per SWD evaluation
     data_root: str = "./data"
@@ -165,7 +168,7 @@ class SourceOnly:
 
     def __init__(self, config: Config, device: torch.device):
         self.config, self.device = config, device
-        self.G, self.F1, self.F2 = build_models(device)
+        self.G, self.F1, self.F2 = build_models(device, architecture_for(config.source, config.target))
         if config.channels_last:
             self.G.to(memory_format=torch.channels_last)
         # The training forward passes, compiled when asked. Evaluation calls the eager modules: other
@@ -202,17 +205,17 @@ class SourceOnly:
         )
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 32, 32) uint8 -> the model's input in [-1, 1], in G's memory format."""
+        """(B, C, H, W) uint8 -> the model's input in [-1, 1], in G's memory format."""
         x = to_model_input(images)
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 32, 32) -> (B, 3072): G's training forward pass."""
+        """(B, C, H, W) -> (B, features): 3072 for the SVHN network, 768 for the USPS one: G's training forward pass."""
         with self.autocast():
             return self.g(x)
 
     def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3072) features -> the logits of F1 and F2, each (B, 10)."""
+        """(B, features) -> the logits of F1 and F2, each (B, 10)."""
         with self.autocast():
             return self.f1(features), self.f2(features)
 
@@ -810,7 +813,8 @@ def train(config: Config) -> dict[str, float | int | None]:
     device = torch.device(config.device)
     configure_backends(config)
     seed_everything(config.seed)  # model init and dropout masks, on every device
-    data = load_digits(config.data_root, config.download, config.allow_unverified_data, device)
+    data = load_digits(config.data_root, config.download, config.allow_unverified_data, device,
+                       config.source, config.target, config.small_subsets, subset_seed=config.seed)
     streams = batch_streams(data, config)
     iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
     model = ALGORITHMS[config.method](config, device)

@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoints = [(path, load_checkpoint(path, flag="visualize")) for path in filter(None, (args.checkpoint, args.compare))]
         saved = checkpoints[0][1]["config"]
-        data = load_digits(args.data_root or saved["data_root"], download=False,
-                           allow_unverified=saved["allow_unverified_data"], device=device)
+        data = load_digits(args.data_root or saved["data_root"], False, saved["allow_unverified_data"], device,
+                           saved.get("source", "svhn"), saved.get("target", "mnist"), saved.get("small_subsets", False),
+                       subset_seed=saved["seed"])
         models = [(f"{path.stem} ({c['config']['method']}, epoch {c['epoch']})", model_from_checkpoint(c, device))
                   for path, c in checkpoints]
         save_confusion(models[0][1], data.target_test, picture_path(args.checkpoint, "confusion"), "target test, ensemble")

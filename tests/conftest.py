@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import socket
 import struct
@@ -15,7 +16,7 @@ import scipy.io
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SIZES = {"svhn_train": 400, "svhn_test": 200, "mnist_train": 300, "mnist_test": 200}
+SIZES = {"svhn_train": 400, "svhn_test": 200, "mnist_train": 300, "mnist_test": 200, "usps_train": 240, "usps_test": 120}
 
 
 def _digit_patterns(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -53,6 +54,20 @@ def write_idx(path: Path, array: np.ndarray, with_gz: bool = True) -> None:
         path.with_name(path.name + ".gz").write_bytes(gzip.compress(data, mtime=0))
 
 
+def usps_text(digits: np.ndarray, rng: np.random.Generator) -> str:
+    """USPS's LIBSVM lines: 'label 1:v ... 256:v' with labels 1..10 (digit + 1) and 16x16 pixels in [-1, 1]."""
+    images = _digit_patterns(digits, 16, rng).reshape(len(digits), -1) / 127.5 - 1
+    return "".join(f"{d + 1} " + " ".join(f"{i + 1}:{v:.6f}" for i, v in enumerate(row)) + "\n"
+                   for d, row in zip(digits, images))
+
+
+def write_usps(path: Path, n: int, rng: np.random.Generator) -> np.ndarray:
+    digits = rng.integers(0, 10, size=n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bz2.compress(usps_text(digits, rng).encode()))
+    return digits
+
+
 def make_digits_root(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
     """Writes all six files under root; returns the true digit labels of each split."""
     rng = np.random.default_rng(seed)
@@ -66,6 +81,8 @@ def make_digits_root(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
         write_idx(raw / f"{prefix}-images-idx3-ubyte", _digit_patterns(digits, 28, rng))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", digits.astype(np.uint8))
         labels[split] = digits
+    labels["usps_train"] = write_usps(root / "usps" / "usps.bz2", SIZES["usps_train"], rng)
+    labels["usps_test"] = write_usps(root / "usps" / "usps.t.bz2", SIZES["usps_test"], rng)
     return labels
 
 

@@ -99,6 +99,10 @@ CASES: dict[str, tuple[Setup, str]] = {
     "unknown method": (lambda r, m: ["--method", "dann"], "invalid choice: 'dann'"),
     "unknown device": (lambda r, m: ["--device", "tpu"], "invalid choice: 'tpu'"),
     "unknown precision": (lambda r, m: ["--precision", "fp8"], "invalid choice: 'fp8'"),
+    "unknown dataset": (lambda r, m: ["--target", "cifar"], "invalid choice: 'cifar'"),
+    "source = target": (lambda r, m: ["--source", "mnist", "--target", "mnist"], "choose two different datasets"),
+    "USPS file corrupt": (lambda r, m: _replace(r / "usps" / "usps.bz2", b"BZh9 broken") + ["--target", "usps", "--source", "mnist"],
+                          "not a readable USPS .bz2"),
     "--resume with --overwrite": (lambda r, m: ["--resume"], "not allowed with argument"),
 }
 if not torch.cuda.is_available():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import csv
 import json
 import statistics
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import datasets
 import main as main_module
+import models
 import plot_results
 import visualize
 from train import CSV_COLUMNS
@@ -119,3 +123,87 @@ def test_visualize_draws_tsne_of_two_models_and_the_confusion_matrix(seed_runs):
     for kind, least in (("tsne", 60_000), ("confusion", 20_000)):
         data = (folder / f"mcd_seed1_{kind}.png").read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > least
+
+
+# ---------------------------------------------------------------------------------------------------
+# The paper's other digit pairs: MNIST <-> USPS at 28x28 grey with the LeNet-style network
+
+
+def _load(root: Path, **options) -> "datasets.Digits":
+    return datasets.load_digits(root, download=False, allow_unverified=True, device=torch.device("cpu"), **options)
+
+
+def test_mnist_to_usps_is_28x28_grey_with_usps_labels_0_to_9(fresh_root):
+    root, labels = fresh_root
+    data = _load(root, source="mnist", target="usps")
+    assert data.source_train.images.shape == (300, 1, 28, 28) and data.target_train.images.shape == (240, 1, 28, 28)
+    assert data.target_test.images.shape == (120, 1, 28, 28) and data.target_train.images.dtype == torch.uint8
+    assert data.target_train.labels.tolist() == labels["usps_train"].tolist()  # LIBSVM's 1..10 -> digits 0..9
+    assert torch.equal(data.source_test.images[:, 0], datasets.read_image_file(str(root / "MNIST/raw/t10k-images-idx3-ubyte")))
+    # The class pattern survives the 16 -> 28 resize: the bright bar sits at the digit's column.
+    digit = int(data.target_train.labels[0])
+    columns = data.target_train.images[0, 0].float().mean(dim=0)
+    assert abs(int(columns.argmax()) - (digit + 0.5) * 28 / 16) < 2  # fixture bar: column = digit at 16 px
+    assert [Path(f.path).name for f in data.files][-2:] == ["usps.bz2", "usps.t.bz2"]
+
+
+def test_usps_with_svhn_is_32x32_rgb(fresh_root):
+    root, _ = fresh_root
+    data = _load(root, source="usps", target="svhn")
+    assert data.source_train.images.shape == (240, 3, 32, 32) and data.target_train.images.shape == (400, 3, 32, 32)
+    assert torch.equal(data.source_train.images[:, 0], data.source_train.images[:, 2])  # grey repeated
+
+
+def test_small_subsets_are_seeded_random_training_subsets(fresh_root, monkeypatch):
+    root, _ = fresh_root
+    monkeypatch.setattr(datasets, "SMALL_TRAIN_SIZES", {"mnist": 50, "usps": 40})  # the paper's 2,000 / 1,800
+    one = _load(root, source="usps", target="mnist", small_subsets=True, subset_seed=1)
+    assert len(one.source_train) == 40 and len(one.target_train) == 50
+    assert len(one.source_test) == 120 and len(one.target_test) == 200  # test sets stay whole
+    again = _load(root, source="usps", target="mnist", small_subsets=True, subset_seed=1)
+    other = _load(root, source="usps", target="mnist", small_subsets=True, subset_seed=2)
+    assert torch.equal(one.target_train.labels, again.target_train.labels)
+    assert not torch.equal(one.target_train.images, other.target_train.images)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda p: p.write_bytes(b"not bzip2"), "not a readable USPS .bz2"),
+    (lambda p: p.write_bytes(bz2.compress(b"11 " + b" ".join(b"%d:0.1" % i for i in range(1, 257)) + b"\n")), "labels must be 1..10"),
+    (lambda p: p.write_bytes(bz2.compress(b"3 1:0.5 2:0.5\n")), "256 pixel values"),
+])
+def test_damaged_usps_files_are_clear_errors(fresh_root, damage, message):
+    root, _ = fresh_root
+    damage(root / "usps" / "usps.t.bz2")
+    with pytest.raises(datasets.DataError, match=message):
+        _load(root, source="mnist", target="usps")
+
+
+def test_usps_checksum_and_missing_files(fresh_root):
+    root, _ = fresh_root
+    with pytest.raises(datasets.DataError, match="usps.bz2 is not the official release"):
+        datasets.load_digits(root, download=False, allow_unverified=False, device=torch.device("cpu"),
+                             source="usps", target="mnist")
+    (root / "usps" / "usps.bz2").unlink()
+    with pytest.raises(datasets.DataError, match="usps.bz2 \\(from https://www.csie.ntu.edu.tw/"):
+        _load(root, source="usps", target="mnist")
+    with pytest.raises(datasets.DataError, match="choose two different datasets"):
+        _load(root, source="mnist", target="mnist")
+
+
+def test_the_usps_network_is_the_original_lenet_style_model():
+    G, F1, F2 = models.build_models(torch.device("cpu"), models.architecture_for("mnist", "usps"))
+    assert models.architecture_for("svhn", "usps") == "svhn2mnist"
+    assert sum(p.numel() for p in G.parameters()) == 39_440  # conv 1->32 k5, BN, conv 32->48 k5, BN
+    assert sum(p.numel() for p in F1.parameters()) == 88_410  # fc 768->100, BN, 100->100, BN, 100->10
+    features = G.eval()(torch.randn(4, 1, 28, 28))
+    assert features.shape == (4, 768) and F2.eval()(features).shape == (4, 10)
+
+
+def test_mnist_to_usps_end_to_end(digits_root, tmp_path):
+    csv_path = tmp_path / "m2u.csv"
+    args = _args(digits_root, csv_path, "--source", "mnist", "--target", "usps", "--small-subsets")
+    assert main_module.main(args) == 0
+    assert len(_rows(csv_path)) == 2
+    config = json.loads(csv_path.with_suffix(".json").read_text())["config"]
+    assert (config["source"], config["target"], config["small_subsets"]) == ("mnist", "usps", True)
+    assert main_module.main([*_args(digits_root, csv_path, "--source", "mnist", "--target", "svhn"), "--resume"]) == 2
