@@ -7,19 +7,16 @@ the CSV given by --csv and a results.json beside it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import sys
 import traceback
-
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from checkpoint import ResumeError, load_checkpoint
-from datasets import DOMAINS, DataError, load_digits
+from datasets import DOMAINS, DataError
 from train import (
     DISCREPANCIES,
     METHODS,
@@ -29,6 +26,7 @@ from train import (
     NonFiniteLoss,
     OutputError,
     check_output,
+    checkpoint_data,
     checkpoint_path,
     device_name,
     evaluate_all,
@@ -38,6 +36,7 @@ from train import (
     summary_path,
     summary_table,
     train,
+    write_json,
     write_summary,
 )
 from visualize import picture_path, save_confusion
@@ -241,18 +240,12 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_checkpoint(path: Path, args: argparse.Namespace, device: torch.device) -> dict:
     """--evaluate: the accuracies of a saved model, without training (the CSV columns of its last row)."""
     checkpoint = load_checkpoint(path, flag="--evaluate")
-    saved = checkpoint["config"]
-    data = load_digits(args.data_root or saved["data_root"], not args.no_download,
-                       args.allow_unverified_data or saved["allow_unverified_data"], device,
-                       saved.get("source", "svhn"), saved.get("target", "mnist"), saved.get("small_subsets", False),
-                       subset_seed=saved["seed"])
+    data = checkpoint_data(checkpoint, device, args.data_root, not args.no_download, args.allow_unverified_data)
     model = model_from_checkpoint(checkpoint, device)
-    result = {"checkpoint": str(path), "epoch": checkpoint["epoch"], "method": saved["method"],
+    result = {"checkpoint": str(path), "epoch": checkpoint["epoch"], "method": checkpoint["config"]["method"],
               "device": device_name(device), **evaluate_all(model, data, args.eval_batch_size)}
     out = path.with_name(f"{path.stem}_evaluation.json")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result)
     save_confusion(model, data.target_test, picture_path(path, "confusion"), "target test, ensemble", args.eval_batch_size)
     print(f"{path} (epoch {checkpoint['epoch']}): source {result['source_acc']:.2f}% | target F1 "
           f"{result['target_acc_f1']:.2f}% F2 {result['target_acc_f2']:.2f}% ensemble {result['target_acc_ensemble']:.2f}%")

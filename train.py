@@ -511,6 +511,13 @@ def record_path(csv_path: Path) -> Path:
     return csv_path.with_suffix(".json")
 
 
+def write_json(path: Path, record: dict) -> None:
+    """Written whole to a temp file then renamed: a crash never leaves a half-written record."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 class ResultsWriter:
     """The per-epoch CSV (one fsynced row per epoch) and results.json beside it (same stem).
 
@@ -545,10 +552,7 @@ class ResultsWriter:
         self._write_json()
 
     def _write_json(self) -> None:
-        # Written whole to a temp file then renamed: a crash never leaves a half-written record.
-        tmp = self.json_path.with_name(self.json_path.name + ".tmp")
-        tmp.write_text(json.dumps(self.record, indent=2) + "\n")
-        os.replace(tmp, self.json_path)
+        write_json(self.json_path, self.record)
 
     def close(self) -> None:
         self.file.close()
@@ -773,6 +777,15 @@ def model_from_checkpoint(checkpoint: dict, device: torch.device) -> SourceOnly:
     for name, module in (("G", model.G), ("F1", model.F1), ("F2", model.F2)):
         module.load_state_dict(checkpoint["models"][name])
     return model
+
+
+def checkpoint_data(checkpoint: dict, device: torch.device, data_root: str | None = None, download: bool = False,
+                    allow_unverified: bool = False) -> Digits:
+    """The datasets a checkpoint was trained on (its pair, its subsets), from its data root unless given."""
+    saved = checkpoint["config"]
+    return load_digits(data_root or saved["data_root"], download, allow_unverified or saved["allow_unverified_data"],
+                       device, saved.get("source", "svhn"), saved.get("target", "mnist"),
+                       saved.get("small_subsets", False), subset_seed=saved["seed"])
 
 
 def _resume_from(checkpoint: dict, config: Config, path: Path) -> None:

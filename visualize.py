@@ -24,9 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from checkpoint import ResumeError, load_checkpoint  # noqa: E402
-from datasets import DataError, Digits, DigitsSplit, load_digits  # noqa: E402
+from datasets import DataError, Digits, DigitsSplit  # noqa: E402
 from models import NUM_CLASSES  # noqa: E402
-from train import SourceOnly, model_from_checkpoint  # noqa: E402
+from train import SourceOnly, checkpoint_data, model_from_checkpoint  # noqa: E402
 
 DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:red"}
 
@@ -127,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     try:
         checkpoints = [(path, load_checkpoint(path, flag="visualize")) for path in filter(None, (args.checkpoint, args.compare))]
-        saved = checkpoints[0][1]["config"]
-        data = load_digits(args.data_root or saved["data_root"], False, saved["allow_unverified_data"], device,
-                           saved.get("source", "svhn"), saved.get("target", "mnist"), saved.get("small_subsets", False),
-                       subset_seed=saved["seed"])
+        data = checkpoint_data(checkpoints[0][1], device, args.data_root)
         models = [(f"{path.stem} ({c['config']['method']}, epoch {c['epoch']})", model_from_checkpoint(c, device))
                   for path, c in checkpoints]
         save_confusion(models[0][1], data.target_test, picture_path(args.checkpoint, "confusion"), "target test, ensemble")
