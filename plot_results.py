@@ -127,13 +127,19 @@ def plot(paths: list[Path], out: Path) -> None:
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
     figure.tight_layout()
-    # Drawn into a temp file beside the target, then renamed: an existing picture is replaced whole or not at all.
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        figure.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, out)
+        save_figure(figure, out)
     except OSError as error:
         raise PlotError(f"cannot write {out}: {error.strerror or error}") from None
+
+
+def save_figure(figure: plt.Figure, out: Path, dpi: int = 120) -> None:
+    """A PNG drawn into a temp file beside `out`, then renamed: an existing picture is replaced whole or
+    not at all. Closes the figure; raises OSError."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        figure.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, out)
     finally:
         plt.close(figure)
         tmp.unlink(missing_ok=True)

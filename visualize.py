@@ -12,7 +12,6 @@ checkpoint's --data-root unless --data-root is given.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from checkpoint import ResumeError, load_checkpoint  # noqa: E402
 from datasets import DataError, Digits, DigitsSplit  # noqa: E402
 from models import NUM_CLASSES  # noqa: E402
+from plot_results import save_figure  # noqa: E402  (the picture writer; plot_results itself stays torch-free)
 from train import SourceOnly, checkpoint_data, model_from_checkpoint  # noqa: E402
 
 DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:red"}
@@ -34,17 +34,6 @@ DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:red"}
 def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
     """(classes, classes) counts: row = true class, column = predicted class."""
     return np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
-
-
-def _save(figure: plt.Figure, out: Path) -> None:
-    """Into a temp file beside the target, then renamed: an existing picture is replaced whole or not at all."""
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        figure.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, out)
-    finally:
-        plt.close(figure)
-        tmp.unlink(missing_ok=True)
 
 
 def save_confusion(model: SourceOnly, split: DigitsSplit, out: Path, title: str, chunk_size: int = 2048) -> np.ndarray:
@@ -63,7 +52,7 @@ def save_confusion(model: SourceOnly, split: DigitsSplit, out: Path, title: str,
              title=f"{title}: accuracy {accuracy:.2f}%")
     figure.colorbar(image, ax=axes, label="share of the true digit")
     figure.tight_layout()
-    _save(figure, out)
+    save_figure(figure, out, dpi=110)
     return matrix
 
 
@@ -108,7 +97,7 @@ def save_tsne(models: list[tuple[str, SourceOnly]], data: Digits, out: Path, ima
             axes_.set_xticks([])
             axes_.set_yticks([])
     figure.tight_layout()
-    _save(figure, out)
+    save_figure(figure, out, dpi=110)
 
 
 def picture_path(checkpoint: Path, kind: str) -> Path:
