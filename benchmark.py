@@ -6,7 +6,7 @@
                                                 #   with its evaluation (26,032 / 10,000 test images)
     python benchmark.py --sweep --out runs/speed.jsonl   # every variant, one subprocess each, a table
 
-Iterations are the exact training code (train.TrainStep: on-device batch gather, steps A, B, C, the
+Iterations are the exact training code (iteration.TrainStep: on-device batch gather, steps A, B, C, the
 optimisers). Warm-up (cuDNN autotuning, compilation) and CUDA-graph capture are timed apart and
 excluded from ms/iter; on CUDA the timed region is bracketed by CUDA events. Prints a table, then one
 JSON line with everything (device, torch, flags, ms/iter median and spread over repeats, images/s,
@@ -25,9 +25,11 @@ import time
 import torch
 
 from datasets import Digits, DigitsSplit
-from main import SWITCH, _positive_int, resolve_device, resolve_speed
-from train import ALGORITHMS, METHODS, PRECISIONS, Config, TrainStep, configure_backends, device_name
-from train import batch_streams, evaluate_all, speed_label, train_epoch
+from algorithms import ALGORITHMS, METHODS
+from config import PRECISIONS, Config, configure_backends, device_name, speed_label
+from iteration import TrainStep
+from main import SWITCH, HelpFormatter, _positive_int, resolve_device, resolve_speed
+from train import batch_streams, evaluate_all, train_epoch
 
 # Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
 REAL_SIZES = {"source_train": 73_257, "source_test": 26_032, "target_train": 60_000, "target_test": 10_000}
@@ -161,7 +163,7 @@ def environment(device: torch.device) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda if available")
     add("--method", choices=METHODS, default="mcd")

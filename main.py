@@ -10,36 +10,17 @@ import argparse
 import shlex
 import sys
 import traceback
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from checkpoint import ResumeError, load_checkpoint
+from checkpoint import ResumeError, checkpoint_path
+from algorithms import DISCREPANCIES, METHODS
+from config import PRECISIONS, Config
 from datasets import DOMAINS, DataError
-from train import (
-    DISCREPANCIES,
-    METHODS,
-    PRECISIONS,
-    Config,
-    Interrupted,
-    NonFiniteLoss,
-    OutputError,
-    check_output,
-    checkpoint_data,
-    checkpoint_path,
-    device_name,
-    evaluate_all,
-    model_from_checkpoint,
-    seed_csv,
-    summarize,
-    summary_path,
-    summary_table,
-    train,
-    write_json,
-    write_summary,
-)
-from visualize import picture_path, save_confusion
+from iteration import NonFiniteLoss
+from run_control import Interrupted, OutputError
+from train import evaluate_checkpoint, run_seeds, train
 
 
 SWITCH = ("auto", "on", "off")
@@ -85,6 +66,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help text, except a None default: that help says what None means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class OneLineErrors(argparse.ArgumentParser):
     """A bad flag is one line on stderr and exit code 2 (argparse would print its usage block first)."""
 
@@ -97,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(
         prog="main.py",
         description="Maximum Classifier Discrepancy (CVPR 2018) domain adaptation: SVHN -> MNIST, MNIST <-> USPS.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
     add("--epochs", type=_positive_int, default=defaults.epochs, help="training epochs")
@@ -216,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = sorted({seed for group in args.seeds for seed in group}) if args.seeds else None
     try:
         if args.evaluate:
-            evaluate_checkpoint(args.evaluate, args, torch.device(device))
+            evaluate_checkpoint(args.evaluate, torch.device(device), args.data_root, not args.no_download,
+                                args.allow_unverified_data, args.eval_batch_size)
         elif seeds:
             run_seeds(config, seeds)
         else:
@@ -235,45 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a SIGINT before training started
         return _fail("\ninterrupted before training started; nothing was written", 130, args.debug)
     return 0
-
-
-def evaluate_checkpoint(path: Path, args: argparse.Namespace, device: torch.device) -> dict:
-    """--evaluate: the accuracies of a saved model, without training (the CSV columns of its last row)."""
-    checkpoint = load_checkpoint(path, flag="--evaluate")
-    data = checkpoint_data(checkpoint, device, args.data_root, not args.no_download, args.allow_unverified_data)
-    model = model_from_checkpoint(checkpoint, device)
-    result = {"checkpoint": str(path), "epoch": checkpoint["epoch"], "method": checkpoint["config"]["method"],
-              "device": device_name(device), **evaluate_all(model, data, args.eval_batch_size)}
-    out = path.with_name(f"{path.stem}_evaluation.json")
-    write_json(out, result)
-    save_confusion(model, data.target_test, picture_path(path, "confusion"), "target test, ensemble", args.eval_batch_size)
-    print(f"{path} (epoch {checkpoint['epoch']}): source {result['source_acc']:.2f}% | target F1 "
-          f"{result['target_acc_f1']:.2f}% F2 {result['target_acc_f2']:.2f}% ensemble {result['target_acc_ensemble']:.2f}%")
-    print(f"wrote {out} and {picture_path(path, 'confusion')}")
-    return result
-
-
-def run_seeds(config: Config, seeds: list[int]) -> None:
-    """The same configuration once per seed, one after another, then the summary over seeds."""
-    csv_path = Path(config.csv)
-    configs = [replace(config, seed=seed, csv=str(seed_csv(csv_path, seed))) for seed in seeds]
-    for each in configs:  # every output location is checked before the first seed trains
-        check_output(each if not each.resume else replace(each, resume=False, overwrite=True))
-    final_rows = {}
-    for each in configs:
-        if each.resume and not checkpoint_path(Path(each.csv)).exists():
-            # --resume of a multi-seed run: a seed that never finished an epoch has nothing to resume
-            each = replace(each, resume=False, overwrite=True)
-        print(f"== seed {each.seed}: {each.csv}")
-        try:
-            final_rows[each.seed] = train(each)
-        except (Interrupted, NonFiniteLoss) as error:
-            error.csv = each.csv  # the messages name this seed's files
-            raise
-    summary = summarize(final_rows)
-    write_summary(summary_path(csv_path), summary)
-    print(summary_table(summary))
-    print(f"wrote {summary_path(csv_path)}")
 
 
 def _fail(message: str, code: int, debug: bool) -> int:

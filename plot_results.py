@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import re
 import statistics
 import sys
@@ -23,6 +22,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from figures import save_figure  # noqa: E402  (the atomic PNG writer, shared with visualize.py and training)
 
 # column -> legend text; colour marks the metric, line style marks the file (or the group of seeds)
 CURVES = {"source_acc": "source test", "target_acc_ensemble": "target test (ensemble)"}
@@ -131,18 +132,6 @@ def plot(paths: list[Path], out: Path) -> None:
         save_figure(figure, out)
     except OSError as error:
         raise PlotError(f"cannot write {out}: {error.strerror or error}") from None
-
-
-def save_figure(figure: plt.Figure, out: Path, dpi: int = 120) -> None:
-    """A PNG drawn into a temp file beside `out`, then renamed: an existing picture is replaced whole or
-    not at all. Closes the figure; raises OSError."""
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        figure.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, out)
-    finally:
-        plt.close(figure)
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

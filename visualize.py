@@ -21,39 +21,20 @@ import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.lines import Line2D  # noqa: E402
 
+from algorithms import SourceOnly  # noqa: E402
 from checkpoint import ResumeError, load_checkpoint  # noqa: E402
 from datasets import DataError, Digits, DigitsSplit  # noqa: E402
+from figures import picture_path, save_figure  # noqa: E402
+from main import HelpFormatter  # noqa: E402
 from models import NUM_CLASSES  # noqa: E402
-from plot_results import save_figure  # noqa: E402  (the picture writer; plot_results itself stays torch-free)
-from train import SourceOnly, checkpoint_data, model_from_checkpoint  # noqa: E402
+from run_control import checkpoint_data, model_from_checkpoint  # noqa: E402
+from train import save_target_confusion  # noqa: E402
 
 DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:red"}
-
-
-def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
-    """(classes, classes) counts: row = true class, column = predicted class."""
-    return np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
-
-
-def save_confusion(model: SourceOnly, split: DigitsSplit, out: Path, title: str, chunk_size: int = 2048) -> np.ndarray:
-    """The ensemble's confusion matrix on `split` as a PNG (colour: share of the true class; text: counts)."""
-    predicted = model.predictions(split, chunk_size)[2].cpu().numpy()
-    matrix = confusion_matrix(predicted, split.labels.cpu().numpy())
-    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    figure, axes = plt.subplots(figsize=(6.4, 5.6))
-    image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for true in range(NUM_CLASSES):
-        for guess in range(NUM_CLASSES):
-            axes.text(guess, true, str(matrix[true, guess]), ha="center", va="center", fontsize=7,
-                      color="white" if share[true, guess] > 0.5 else "black")
-    accuracy = 100.0 * np.trace(matrix) / max(matrix.sum(), 1)
-    axes.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted digit", ylabel="true digit",
-             title=f"{title}: accuracy {accuracy:.2f}%")
-    figure.colorbar(image, ax=axes, label="share of the true digit")
-    figure.tight_layout()
-    save_figure(figure, out, dpi=110)
-    return matrix
+DIGIT_COLOURS = plt.get_cmap("tab10")  # digit d is drawn in colour d (vmin 0, vmax 9 below)
+DIGIT_LEGEND = [Line2D([], [], marker="o", linestyle="", color=DIGIT_COLOURS(d), label=str(d)) for d in range(NUM_CLASSES)]
 
 
 def _subset(split: DigitsSplit, count: int, seed: int) -> DigitsSplit:
@@ -90,8 +71,9 @@ def save_tsne(models: list[tuple[str, SourceOnly]], data: Digits, out: Path, ima
         by_domain.set_title(f"{name}: by domain")
         for domain, marker in (("source", "o"), ("target", "x")):
             chosen = domains == domain
-            by_class.scatter(*points[chosen].T, s=5, c=classes[chosen], cmap="tab10", vmin=0, vmax=9, marker=marker,
+            by_class.scatter(*points[chosen].T, s=5, c=classes[chosen], cmap=DIGIT_COLOURS, vmin=0, vmax=9, marker=marker,
                              alpha=0.6, linewidths=0.6)
+        by_class.legend(handles=DIGIT_LEGEND, title="digit", fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
         by_class.set_title(f"{name}: by digit (o source, x target)")
         for axes_ in (by_domain, by_class):
             axes_.set_xticks([])
@@ -100,13 +82,8 @@ def save_tsne(models: list[tuple[str, SourceOnly]], data: Digits, out: Path, ima
     save_figure(figure, out, dpi=110)
 
 
-def picture_path(checkpoint: Path, kind: str) -> Path:
-    """runs/mcd.pt -> runs/mcd_tsne.png, runs/mcd_confusion.png."""
-    return checkpoint.with_name(f"{checkpoint.stem}_{kind}.png")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a .pt written by main.py")
     parser.add_argument("--compare", type=Path, default=None, help="a second checkpoint (e.g. source-only) for the t-SNE")
     parser.add_argument("--images", type=int, default=1000, help="test images per domain in the t-SNE")
@@ -119,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         data = checkpoint_data(checkpoints[0][1], device, args.data_root)
         models = [(f"{path.stem} ({c['config']['method']}, epoch {c['epoch']})", model_from_checkpoint(c, device))
                   for path, c in checkpoints]
-        save_confusion(models[0][1], data.target_test, picture_path(args.checkpoint, "confusion"), "target test, ensemble")
+        save_target_confusion(models[0][1], data.target_test, picture_path(args.checkpoint, "confusion"),
+                              "target test, ensemble", chunk_size=2048)
         save_tsne(models, data, picture_path(args.checkpoint, "tsne"), args.images)
     except (DataError, ResumeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

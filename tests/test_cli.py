@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import main as main_module
-from train import CSV_COLUMNS
+from results import CSV_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,10 @@ import main as main_module
 import models
 import plot_results
 import visualize
-from train import CSV_COLUMNS
+from checkpoint import load_checkpoint
+from figures import confusion_matrix
+from results import CSV_COLUMNS
+from run_control import checkpoint_data, model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -88,7 +92,7 @@ def test_training_ends_with_a_confusion_matrix_picture(seed_runs):
 def test_confusion_matrix_counts_true_rows_and_predicted_columns():
     labels = np.array([0, 0, 1, 2, 2, 2])
     predicted = np.array([0, 1, 1, 2, 0, 2])
-    matrix = visualize.confusion_matrix(predicted, labels, classes=3)
+    matrix = confusion_matrix(predicted, labels, classes=3)
     assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
 
 
@@ -123,6 +127,27 @@ def test_visualize_draws_tsne_of_two_models_and_the_confusion_matrix(seed_runs):
     for kind, least in (("tsne", 60_000), ("confusion", 20_000)):
         data = (folder / f"mcd_seed1_{kind}.png").read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > least
+
+
+def test_tsne_by_digit_panels_have_a_legend_of_the_ten_digits_in_their_colours(seed_runs, tmp_path, monkeypatch):
+    checkpoint = load_checkpoint(seed_runs.parent / "mcd_seed1.pt", flag="visualize")
+    model = model_from_checkpoint(checkpoint, torch.device("cpu"))
+    data = checkpoint_data(checkpoint, torch.device("cpu"))
+    drawn = []
+    monkeypatch.setattr(visualize, "save_figure", lambda figure, out, dpi: drawn.append(figure))
+    visualize.save_tsne([("mcd", model), ("again", model)], data, tmp_path / "tsne.png", images=40)
+    by_digit = [axes for axes in drawn[0].axes if "by digit" in axes.get_title()]
+    assert len(by_digit) == 2  # one per model
+    for axes in by_digit:
+        legend = axes.get_legend()
+        assert legend is not None, "a 'by digit' panel has no legend"
+        assert [text.get_text() for text in legend.get_texts()] == [str(d) for d in range(10)]
+        colour_of = {int(text.get_text()): matplotlib.colors.to_rgb(handle.get_color())
+                     for text, handle in zip(legend.get_texts(), legend.legend_handles)}
+        for points in axes.collections:  # every point is drawn in its digit's legend colour
+            for digit, rgba in zip(points.get_array(), points.to_rgba(points.get_array())):
+                assert tuple(rgba[:3]) == pytest.approx(colour_of[int(digit)])
+    matplotlib.pyplot.close(drawn[0])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,10 +14,13 @@ import pytest
 import torch
 
 import main as main_module
+import algorithms
 import train as train_module
 from checkpoint import RESULT_KEYS, load_checkpoint, save_checkpoint
 from conftest import make_digits_root
-from train import CSV_COLUMNS, Interrupted, NonFiniteLoss, NonFiniteWatch, SignalGuard
+from iteration import NonFiniteLoss, NonFiniteWatch
+from results import CSV_COLUMNS
+from run_control import Interrupted, SignalGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -259,7 +262,7 @@ def test_watch_reports_the_first_non_finite_iteration():
 
 def test_a_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_epoch(digits_root, tmp_path, monkeypatch, capsys):
     calls = []
-    real_update = train_module.MCD.update
+    real_update = algorithms.MCD.update
 
     def update(self, xs, ys, xt):
         losses = real_update(self, xs, ys, xt)
@@ -268,7 +271,7 @@ def test_a_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_epoch(digit
             losses["discrepancy_b"] = losses["discrepancy_b"] * float("inf")
         return losses
 
-    monkeypatch.setattr(train_module.MCD, "update", update)
+    monkeypatch.setattr(algorithms.MCD, "update", update)
     csv_path = tmp_path / "nan.csv"
     assert main_module.main(_args(digits_root, csv_path, epochs=3)) == 3
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]

@@ -16,7 +16,9 @@ import torch
 
 import benchmark
 from main import build_parser, resolve_speed
-from train import MCD, Config, SourceOnly, TrainStep, configure_backends, discrepancy
+from algorithms import MCD, SourceOnly, discrepancy
+from config import Config, configure_backends
+from iteration import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

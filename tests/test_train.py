@@ -5,17 +5,10 @@ import pytest
 import torch
 
 from datasets import BatchStream, DigitsSplit, load_digits, to_model_input
-from train import (
-    MCD,
-    Config,
-    LiveLosses,
-    SourceOnly,
-    TrainStep,
-    discrepancy,
-    random_directions,
-    sliced_wasserstein_discrepancy,
-    train_epoch,
-)
+from algorithms import MCD, SourceOnly, discrepancy, random_directions, sliced_wasserstein_discrepancy
+from config import Config
+from iteration import LiveLosses, TrainStep
+from train import train_epoch
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,59 @@
+"""Pictures written as PNG files, from plain numbers: the atomic figure writer and the confusion matrix.
+
+Free of torch (plot_results.py must never import it) and of the training code: the training loop,
+--evaluate and visualize.py hand over predictions and labels as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+def save_figure(figure: plt.Figure, out: Path, dpi: int = 120) -> None:
+    """A PNG drawn into a temp file beside `out`, then renamed: an existing picture is replaced whole or
+    not at all. Closes the figure; raises OSError."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        figure.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(figure)
+        tmp.unlink(missing_ok=True)
+
+
+def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, classes: int = 10) -> np.ndarray:
+    """(classes, classes) counts: row = true class, column = predicted class (10 digits by default)."""
+    return np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+
+
+def save_confusion(predicted: np.ndarray, labels: np.ndarray, out: Path, title: str) -> np.ndarray:
+    """The confusion matrix of (N,) predicted digits against (N,) true ones as a PNG (colour: share of the
+    true class; text: counts); returns the matrix."""
+    matrix = confusion_matrix(predicted, labels)
+    classes = len(matrix)
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure, axes = plt.subplots(figsize=(6.4, 5.6))
+    image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for true in range(classes):
+        for guess in range(classes):
+            axes.text(guess, true, str(matrix[true, guess]), ha="center", va="center", fontsize=7,
+                      color="white" if share[true, guess] > 0.5 else "black")
+    accuracy = 100.0 * np.trace(matrix) / max(matrix.sum(), 1)
+    axes.set(xticks=range(classes), yticks=range(classes), xlabel="predicted digit", ylabel="true digit",
+             title=f"{title}: accuracy {accuracy:.2f}%")
+    figure.colorbar(image, ax=axes, label="share of the true digit")
+    figure.tight_layout()
+    save_figure(figure, out, dpi=110)
+    return matrix
+
+
+def picture_path(checkpoint: Path, kind: str) -> Path:
+    """runs/mcd.pt -> runs/mcd_tsne.png, runs/mcd_confusion.png."""
+    return checkpoint.with_name(f"{checkpoint.stem}_{kind}.png")

@@ -1,0 +1,178 @@
+"""The results files of a run: the per-epoch CSV, the JSON record beside it, and the multi-seed summary.
+
+    results.csv           one row per epoch (CSV_COLUMNS), flushed and fsynced as each epoch ends
+    results.json          the config, versions, device, data files + MD5s, the last row (rewritten whole)
+    results_seedN.*       the same per seed of a multi-seed run
+    results_summary.csv   mean and sample std over seeds of each seed's LAST epoch (never a best epoch)
+
+Every file is written whole to a temp file and renamed, or appended and fsynced: a crash leaves the
+previous content, never half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torchvision
+
+from config import Config, device_name
+from datasets import DataFile
+
+CSV_COLUMNS = (
+    "epoch",
+    "iterations",
+    "seconds",
+    "loss_source",
+    "discrepancy_b",
+    "discrepancy_c",
+    "source_acc",
+    "target_acc_f1",
+    "target_acc_f2",
+    "target_acc_ensemble",
+)
+
+
+def _format(value: float | int | None) -> str:
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+def record_path(csv_path: Path) -> Path:
+    """results.json beside the CSV, with the same stem."""
+    return csv_path.with_suffix(".json")
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Written whole to a temp file then renamed: a crash never leaves a half-written record."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class ResultsWriter:
+    """The per-epoch CSV (one fsynced row per epoch) and results.json beside it (same stem).
+
+    The CSV starts as a header plus the rows of the run so far (none for a fresh run; a checkpoint's
+    rows when resuming, which also drops any row written after that checkpoint), written to a temp file
+    and renamed over the old one."""
+
+    def __init__(self, config: Config, record: dict, rows: list[dict]):
+        self.csv_path = Path(config.csv)
+        self.json_path = record_path(self.csv_path)
+        self.record = record
+        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_COLUMNS)
+            writer.writerows([_format(row[column]) for column in CSV_COLUMNS] for row in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.csv_path)
+        self.file = open(self.csv_path, "a", newline="")
+        self.writer = csv.writer(self.file)
+        if rows:
+            self.record["epochs_completed"], self.record["final_row"] = rows[-1]["epoch"], rows[-1]
+        self._write_json()
+
+    def append(self, row: dict[str, float | int | None]) -> None:
+        self.writer.writerow([_format(row[column]) for column in CSV_COLUMNS])
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.record["epochs_completed"] = row["epoch"]
+        self.record["final_row"] = row
+        self._write_json()
+
+    def _write_json(self) -> None:
+        write_json(self.json_path, self.record)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run_record(config: Config, files: list[DataFile], device: torch.device, iterations: int) -> dict:
+    """What results.json holds besides the rows: how to reproduce the run and what it ran on."""
+    return {
+        "config": asdict(config),
+        "iterations_per_epoch": iterations,
+        "device": device_name(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "data_files": [asdict(f) for f in files],
+        "epochs_completed": 0,
+        "final_row": None,
+    }
+
+
+def summary_line(row: dict[str, float | int | None], epochs: int) -> str:
+    """The one-line report of an epoch's CSV row."""
+    discrepancies = "" if row["discrepancy_b"] is None else (
+        f" d_B {row['discrepancy_b']:.4f} d_C {row['discrepancy_c']:.4f}"
+    )
+    return (
+        f"epoch {row['epoch']:3d}/{epochs} | loss {row['loss_source']:.4f}{discrepancies} | "
+        f"source {row['source_acc']:.2f}% | target F1 {row['target_acc_f1']:.2f}% F2 {row['target_acc_f2']:.2f}% "
+        f"ensemble {row['target_acc_ensemble']:.2f}% | {row['seconds']:.1f}s"
+    )
+
+
+SUMMARY_METRICS = {
+    "target_acc_ensemble": "target (ensemble)",
+    "target_acc_f1": "target (F1)",
+    "target_acc_f2": "target (F2)",
+    "source_acc": "source (ensemble)",
+}
+
+
+def seed_csv(csv_path: Path, seed: int) -> Path:
+    """results.csv -> results_seed3.csv: one CSV (and .json, .pt) per seed of a multi-seed run."""
+    return csv_path.with_name(f"{csv_path.stem}_seed{seed}{csv_path.suffix}")
+
+
+def summary_path(csv_path: Path) -> Path:
+    """results.csv -> results_summary.csv."""
+    return csv_path.with_name(f"{csv_path.stem}_summary{csv_path.suffix}")
+
+
+def summarize(final_rows: dict[int, dict]) -> list[dict]:
+    """Per metric: mean and sample std over seeds of each seed's LAST-epoch value (never a best epoch)."""
+    seeds = list(final_rows)
+    summary = []
+    for metric, name in SUMMARY_METRICS.items():
+        values = [final_rows[seed][metric] for seed in seeds]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        summary.append({"metric": metric, "name": name, "mean": mean, "std": std,
+                        **{f"seed_{seed}": value for seed, value in zip(seeds, values)}})
+    return summary
+
+
+def write_summary(path: Path, summary: list[dict]) -> None:
+    """summary.csv: metric, mean, std, then one column per seed; written whole, then renamed."""
+    columns = ["metric", "mean", "std", *[key for key in summary[0] if key.startswith("seed_")]]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([_format(row[column]) if column != "metric" else row[column] for column in columns]
+                         for row in summary)
+    os.replace(tmp, path)
+
+
+def summary_table(summary: list[dict]) -> str:
+    """The paper's Table 1 form: mean ± std over seeds, and each seed's value."""
+    seeds = [key.removeprefix("seed_") for key in summary[0] if key.startswith("seed_")]
+    lines = [f"last epoch over seeds {', '.join(seeds)} (mean ± sample std):",
+             f"{'':20s} {'mean ± std':>16s}   per seed"]
+    for row in summary:
+        spread = f"{row['mean']:.2f} ± {row['std']:.2f}" if row["std"] is not None else f"{row['mean']:.2f}"
+        per_seed = ", ".join(f"{row[f'seed_{seed}']:.2f}" for seed in seeds)
+        lines.append(f"{row['name']:20s} {spread:>16s}   {per_seed}")
+    return "\n".join(lines)

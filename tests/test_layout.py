@@ -1,0 +1,101 @@
+"""The code's shape: one concern per file, imports flowing one way (README 'Code map')."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCT = sorted(path.stem for path in ROOT.glob("*.py"))
+ENTRY_POINTS = {"main", "benchmark", "visualize", "plot_results"}
+LOOP = "train"  # below the entry points, above everything else
+MAX_LINES = 450
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The product modules a file imports anywhere (top level, functions, TYPE_CHECKING blocks alike)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(PRODUCT)
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {name: imported_modules(ROOT / f"{name}.py") - {name} for name in PRODUCT}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as [a, b, ..., a], or None (depth-first search, three colours)."""
+    state: dict[str, str] = {}  # absent: unvisited; "open": on the current path; "done": no circle below
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for child in sorted(graph.get(node, ())):
+            if state.get(child) == "open":
+                return path[path.index(child):] + [child]
+            if child not in state and (cycle := visit(child, path + [child])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_circle_and_accepts_a_layered_graph():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"main": {"train", "config"}, "train": {"config"}, "config": set()}) is None
+    assert imported_modules(ROOT / "train.py") >= {"algorithms", "config", "results", "run_control"}
+
+
+def test_no_import_circle_among_the_product_modules():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_imports_flow_down_from_the_entry_points_through_the_loop():
+    for module, imports in import_graph().items():
+        if module in ENTRY_POINTS:
+            continue
+        upward = imports & (ENTRY_POINTS | ({LOOP} if module != LOOP else set()))
+        assert not upward, f"{module}.py imports {sorted(upward)}, which sit above it"
+
+
+@pytest.mark.parametrize("name", PRODUCT)
+def test_each_module_is_short_and_starts_with_a_docstring_saying_its_job(name):
+    source = (ROOT / f"{name}.py").read_text()
+    assert ast.get_docstring(ast.parse(source)), f"{name}.py has no module docstring"
+    lines = source.count("\n")
+    assert lines <= MAX_LINES, f"{name}.py has {lines} lines (more than {MAX_LINES}): split a concern out"
+
+
+def test_the_readme_code_map_names_every_file():
+    readme = (ROOT / "README.md").read_text()
+    code_map = readme[readme.index("## Code map"):]
+    code_map = code_map[:code_map.index("\n## ", 1)]
+    for name in PRODUCT:
+        assert f"`{name}.py`" in code_map, f"README's Code map does not mention {name}.py"
+
+
+@pytest.mark.parametrize("module", ["figures", "plot_results"])
+def test_the_picture_modules_never_import_torch(module):
+    done = subprocess.run([sys.executable, "-c", f"import sys, {module}; assert 'torch' not in sys.modules"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("script", ["main.py", "visualize.py", "benchmark.py"])
+def test_help_never_shows_a_meaningless_default_none(script):
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "(default:" in done.stdout  # defaults are still shown where they mean something
+    assert "(default: None)" not in " ".join(done.stdout.split())
