@@ -28,7 +28,7 @@ from datasets import Digits, DigitsSplit
 from algorithms import ALGORITHMS, METHODS
 from config import PRECISIONS, Config, configure_backends, device_name, speed_label
 from iteration import TrainStep
-from main import SWITCH, HelpFormatter, _positive_int, resolve_device, resolve_speed
+from main import SWITCH, HelpFormatter, _batch_size, _positive_int, resolve_device, resolve_speed
 from train import batch_streams, evaluate_all, train_epoch
 
 # Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda if available")
     add("--method", choices=METHODS, default="mcd")
-    add("--batch-size", type=_positive_int, default=128, help="images per domain per iteration")
+    add("--batch-size", type=_batch_size, default=128, help="images per domain per iteration")
     add("--num-k", type=_positive_int, default=4, help="generator updates (step C) per iteration")
     add("--iters", type=_positive_int, default=None, help="timed iterations per repeat (default: 100 on CUDA, 3 on CPU)")
     add("--repeats", type=_positive_int, default=3, help="timed repeats; the median is reported")

@@ -4,11 +4,13 @@ A checkpoint sits beside the CSV (same stem, .pt) and holds the three networks, 
 random state (torch CPU and device, numpy, Python), both batch streams' positions, the config, the data
 files' checksums and every CSV row so far. It is written atomically (temp file in the same folder,
 fsync, rename), so a crash while saving leaves the previous one intact, and it is read back with
-torch.load(weights_only=True): tensors and plain containers only, never pickled code.
+torch.load(weights_only=True): tensors and plain containers only, never pickled code. A SHA-256 of
+its contents is stored inside and checked on loading, so a damaged file is refused, not resumed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -24,6 +26,10 @@ RESULT_KEYS = ("method", "source", "target", "small_subsets", "discrepancy", "sw
                "num_k", "seed", "precision", "deterministic")
 
 
+# What train() needs from a checkpoint; a file missing any of them is refused (e.g. a truncated pickle).
+REQUIRED_KEYS = ("config", "epoch", "rows", "resumed_at", "models", "optimizers", "streams", "rng", "data_files")
+
+
 class ResumeError(Exception):
     """--resume cannot continue from this checkpoint; the message is one line that says why."""
 
@@ -32,12 +38,40 @@ def checkpoint_path(csv_path: Path) -> Path:
     return csv_path.with_suffix(".pt")
 
 
+def payload_digest(payload: dict) -> str:
+    """SHA-256 over the payload's contents in their order: tensors by dtype, shape and bytes, other
+    values by repr. Equal after a save and load round trip; any flipped byte in a tensor changes it."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}:".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    feed(payload)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Atomic and durable: a reader sees the old checkpoint or the new one, never a partial file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            torch.save({**payload, "checksum": payload_digest(payload)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,17 +84,25 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.close(folder)
 
 
-def load_checkpoint(path: Path, flag: str = "--resume") -> dict:
-    """The checkpoint at path; `flag` (--resume, --evaluate) names what asked for it in the error."""
+def load_checkpoint(path: Path, flag: str = "--resume", verify: bool = True) -> dict:
+    """The checkpoint at path; `flag` (--resume, --evaluate) names what asked for it in the error.
+    verify=False maps the tensors without reading them and skips the checksum: for a quick look at
+    the config and epoch of a file that is verified when it is really loaded."""
     fix = "run again with --overwrite to start afresh" if flag == "--resume" else "give a .pt file written by main.py"
     if not path.is_file():
         raise ResumeError(f"{flag}: there is no checkpoint {path}; {fix}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=not verify)
     except Exception as error:  # truncated, corrupt, or not a checkpoint at all
         raise ResumeError(f"{flag}: {path} is not a readable checkpoint ({type(error).__name__}); {fix}")
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
         raise ResumeError(f"{flag}: {path} is not a checkpoint of this program (format {FORMAT_VERSION}); {fix}")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise ResumeError(f"{flag}: {path} is incomplete (no {', '.join(missing)}); {fix}")
+    expected = checkpoint.pop("checksum", None)  # absent only in checkpoints written before it existed
+    if verify and expected is not None and payload_digest(checkpoint) != expected:
+        raise ResumeError(f"{flag}: {path} is damaged (its contents do not match its checksum); {fix}")
     return checkpoint
 
 

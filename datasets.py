@@ -329,6 +329,9 @@ def _load_domain(domain: str, root: Path, fmt: ImageFormat, allow_unverified: bo
             records = [_mnist_file(root, f"{prefix}-{kind}", allow_unverified) for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
             images, labels = _read_mnist(records[0].path, records[1].path)
         files += records
+        if len(labels) == 0:
+            raise DataError(f"{records[0].path} holds no images; replace it with the official file "
+                            "(delete it to download it again)")
         if domain != "svhn":  # SVHN is always used as it comes: 32x32 RGB
             images = to_format(images.to(device), fmt)
         splits[split] = DigitsSplit(images.to(device), labels.to(device))

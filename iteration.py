@@ -55,11 +55,21 @@ class LiveLosses:
 
 
 class NonFiniteLoss(Exception):
-    """A loss became NaN or infinite; training stops, keeping the last good checkpoint."""
+    """A loss (at `iteration`) or, with iteration None, a weight became NaN or infinite; training stops,
+    keeping the last good checkpoint."""
 
-    def __init__(self, iteration: int, epoch: int = 0):
-        super().__init__(f"non-finite loss at iteration {iteration}")
+    def __init__(self, iteration: int | None, epoch: int = 0):
+        super().__init__("non-finite weights" if iteration is None else f"non-finite loss at iteration {iteration}")
         self.iteration, self.epoch = iteration, epoch
+
+
+def check_finite_weights(model: SourceOnly) -> None:
+    """NonFiniteLoss(None) unless every parameter and BatchNorm statistic of G, F1, F2 is finite: losses
+    can stay finite while a huge step leaves the weights at inf, and such a model must never be
+    evaluated and checkpointed as good. One host read, once per epoch."""
+    tensors = [t for m in model.modules for t in m.state_dict().values() if t.is_floating_point()]
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise NonFiniteLoss(None)
 
 
 class NonFiniteWatch:

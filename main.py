@@ -19,7 +19,8 @@ from algorithms import DISCREPANCIES, METHODS
 from config import PRECISIONS, Config
 from datasets import DOMAINS, DataError
 from iteration import NonFiniteLoss
-from run_control import Interrupted, OutputError
+from results import OutputError
+from run_control import Interrupted
 from train import evaluate_checkpoint, run_seeds, train
 
 
@@ -47,6 +48,24 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _batch_size(text: str) -> int:
+    value = int(text)
+    if value < 2:  # BatchNorm needs two images to take batch statistics
+        raise argparse.ArgumentTypeError(f"must be at least 2 (BatchNorm needs a batch), got {value}")
+    return value
+
+
+# numpy takes seeds below 2**32 and the batch streams use 2 * seed + 1: this keeps every one valid.
+MAX_SEED = 2**31 - 1
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {value}")
+    return value
+
+
 def _seeds(text: str) -> list[int]:
     """'3' -> [3]; '1-5' -> [1, 2, 3, 4, 5]."""
     first, _, last = text.partition("-")
@@ -56,6 +75,8 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a seed or a range such as 1-5") from None
     if not seeds:
         raise argparse.ArgumentTypeError(f"{text!r} is an empty range")
+    if not 0 <= seeds[0] <= seeds[-1] <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be between 0 and {MAX_SEED}")
     return seeds
 
 
@@ -92,11 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--iters-per-epoch", type=_positive_int, default=None,
         help="iterations per epoch (default: one pass over the smaller training set at the batch size, "
              "468 for MNIST at 128)")
-    add("--batch-size", type=_positive_int, default=defaults.batch_size, help="images per domain per iteration")
+    add("--batch-size", type=_batch_size, default=defaults.batch_size, help="images per domain per iteration")
     add("--lr", type=_positive_float, default=defaults.lr, help="Adam learning rate (G and both heads)")
     add("--weight-decay", type=_non_negative_float, default=defaults.weight_decay, help="Adam weight decay (L2)")
     add("--num-k", type=_positive_int, default=defaults.num_k, help="generator updates (step C) per iteration")
-    add("--seed", type=int, default=defaults.seed, help="random seed (init, dropout, batch order)")
+    add("--seed", type=_seed, default=defaults.seed, help="random seed (init, dropout, batch order)")
     add("--seeds", type=_seeds, nargs="+", default=None, metavar="SEED",
         help="run once per seed (e.g. 1 2 3, or 1-5), each to CSV_seedN.csv, then write CSV_summary.csv "
              "with mean ± std of the last epoch; overrides --seed")
@@ -213,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OutputError, ResumeError) as error:
         return _fail(f"error: {error}", 2, args.debug)
     except NonFiniteLoss as error:
-        return _fail(f"error: non-finite loss in epoch {error.epoch}, iteration {error.iteration}: training stopped; "
+        where = (f"weights at the end of epoch {error.epoch}" if error.iteration is None else
+                 f"loss in epoch {error.epoch}, iteration {error.iteration}")
+        return _fail(f"error: non-finite {where}: training stopped; "
                      f"{_saved(getattr(error, 'csv', config.csv), error.epoch - 1)} Lower --lr, or check the data.", 3, args.debug)
     except Interrupted as error:
         # A multi-seed run always continues with --resume: --overwrite would also replace finished seeds.

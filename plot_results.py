@@ -43,7 +43,14 @@ def read_results(path: Path) -> dict[str, list[float]]:
     """The required columns of a results CSV as lists of floats, one entry per epoch."""
     if not path.is_file():
         raise PlotError(f"{path}: no such file")
-    with open(path, newline="") as file:
+    try:
+        return _read_columns(path)
+    except UnicodeDecodeError:
+        raise PlotError(f"{path}: not a text file (not UTF-8); expected a results CSV written by main.py") from None
+
+
+def _read_columns(path: Path) -> dict[str, list[float]]:
+    with open(path, newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
         if not reader.fieldnames:
             raise PlotError(f"{path}: the file is empty; expected a results CSV written by main.py")
@@ -141,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or args.csv[0].with_suffix(".png")
     try:
+        if any(out.resolve() == path.resolve() for path in args.csv):
+            raise PlotError(f"--out {out} is one of the input CSVs; give a .png path")
         plot(args.csv, out)
     except PlotError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -11,12 +11,16 @@ previous content, never half a file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import io
 import json
 import os
 import platform
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator, TextIO
 
 import torch
 import torchvision
@@ -38,6 +42,62 @@ CSV_COLUMNS = (
 )
 
 
+class OutputError(Exception):
+    """The results cannot be written where asked; the message is one line that says what to do."""
+
+
+# errno -> the cause in a user's words; anything else gets the system's own words.
+CAUSES = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def failure_cause(error: BaseException) -> str:
+    """Why a write failed, in words. torch's zip writer reports a failed write as a RuntimeError raised
+    while handling the OSError, so the whole exception chain is searched for the OSError behind it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, MemoryError):
+            return "out of memory"
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return CAUSES.get(seen.errno, seen.strerror or errno.errorcode.get(seen.errno, str(seen.errno)))
+        seen = seen.__cause__ or seen.__context__
+    first_line = (str(error).strip().splitlines() or [""])[0][:120]
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+@contextlib.contextmanager
+def writing(path: Path, intact: str = "") -> Iterator[None]:
+    """Any failure inside (OSError, torch's RuntimeError, MemoryError, ...) becomes one OutputError that
+    names the file and the cause, followed by `intact` (what is still safe and what to do)."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as error:
+        raise OutputError(f"cannot write {path} ({failure_cause(error)}){intact}") from error
+
+
+@contextlib.contextmanager
+def atomic_text(path: Path) -> Iterator[TextIO]:
+    """A text file written whole to a temp file beside `path`, fsynced, then renamed over it: a reader
+    sees the old content or the new, never half. The temp file never stays; failures are OutputErrors."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with writing(path), open(tmp, "w", newline="") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _format(value: float | int | None) -> str:
     if value is None:
         return ""
@@ -51,9 +111,15 @@ def record_path(csv_path: Path) -> Path:
 
 def write_json(path: Path, record: dict) -> None:
     """Written whole to a temp file then renamed: a crash never leaves a half-written record."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_text(path) as file:
+        file.write(json.dumps(record, indent=2) + "\n")
+
+
+def _csv_lines(rows: list[list[str]]) -> str:
+    """Rows as csv.writer writes them (its quoting, CRLF line ends)."""
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue()
 
 
 class ResultsWriter:
@@ -61,39 +127,44 @@ class ResultsWriter:
 
     The CSV starts as a header plus the rows of the run so far (none for a fresh run; a checkpoint's
     rows when resuming, which also drops any row written after that checkpoint), written to a temp file
-    and renamed over the old one."""
+    and renamed over the old one. Rows are then appended unbuffered: a row that fails half-way (disk
+    full) is cut off again, so the file always ends with the last complete row."""
 
     def __init__(self, config: Config, record: dict, rows: list[dict]):
         self.csv_path = Path(config.csv)
         self.json_path = record_path(self.csv_path)
         self.record = record
-        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(CSV_COLUMNS)
-            writer.writerows([_format(row[column]) for column in CSV_COLUMNS] for row in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.csv_path)
-        self.file = open(self.csv_path, "a", newline="")
-        self.writer = csv.writer(self.file)
+        with atomic_text(self.csv_path) as file:
+            file.write(_csv_lines([list(CSV_COLUMNS), *map(_csv_row, rows)]))
+        with writing(self.csv_path):
+            self.file = open(self.csv_path, "ab", buffering=0)
         if rows:
             self.record["epochs_completed"], self.record["final_row"] = rows[-1]["epoch"], rows[-1]
-        self._write_json()
+        write_json(self.json_path, self.record)
 
-    def append(self, row: dict[str, float | int | None]) -> None:
-        self.writer.writerow([_format(row[column]) for column in CSV_COLUMNS])
-        self.file.flush()
-        os.fsync(self.file.fileno())
+    def append(self, row: dict[str, float | int | None], intact: str = "") -> None:
+        """The row, then the record that points to it; failures are OutputErrors ending in `intact`."""
+        data = _csv_lines([_csv_row(row)]).encode()
+        with writing(self.csv_path, intact):
+            end = os.fstat(self.file.fileno()).st_size
+            try:
+                while data:
+                    data = data[self.file.write(data):]  # a raw write may take only part
+                os.fsync(self.file.fileno())
+            except BaseException:
+                os.ftruncate(self.file.fileno(), end)
+                raise
         self.record["epochs_completed"] = row["epoch"]
         self.record["final_row"] = row
-        self._write_json()
-
-    def _write_json(self) -> None:
-        write_json(self.json_path, self.record)
+        with writing(self.json_path, intact):
+            write_json(self.json_path, self.record)
 
     def close(self) -> None:
         self.file.close()
+
+
+def _csv_row(row: dict[str, float | int | None]) -> list[str]:
+    return [_format(row[column]) for column in CSV_COLUMNS]
 
 
 def run_record(config: Config, files: list[DataFile], device: torch.device, iterations: int) -> dict:
@@ -157,13 +228,9 @@ def summarize(final_rows: dict[int, dict]) -> list[dict]:
 def write_summary(path: Path, summary: list[dict]) -> None:
     """summary.csv: metric, mean, std, then one column per seed; written whole, then renamed."""
     columns = ["metric", "mean", "std", *[key for key in summary[0] if key.startswith("seed_")]]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows([_format(row[column]) if column != "metric" else row[column] for column in columns]
-                         for row in summary)
-    os.replace(tmp, path)
+    with atomic_text(path) as file:
+        cells = [[row["metric"], *(_format(row[column]) for column in columns[1:])] for row in summary]
+        file.write(_csv_lines([columns, *cells]))
 
 
 def summary_table(summary: list[dict]) -> str:

@@ -11,12 +11,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import signal
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -26,6 +31,7 @@ from checkpoint import (
     ResumeError,
     checkpoint_path,
     config_differences,
+    load_checkpoint,
     load_optimizer,
     restore_rng,
     rng_state,
@@ -33,43 +39,177 @@ from checkpoint import (
 )
 from config import Config
 from datasets import BatchStream, DataFile, Digits, load_digits
-from results import ResultsWriter, record_path
+from results import OutputError, ResultsWriter, record_path, summary_path, writing
 
 
-class OutputError(Exception):
-    """The results cannot be written where asked; the message is one line that says what to do."""
+# The longest name written beside the CSV: --evaluate's record, as its temp file.
+LONGEST_SUFFIX = "_evaluation.json.tmp"
 
 
 def check_output(config: Config) -> None:
-    """Fail before any data is loaded or time spent if the results cannot be written where asked, or
-    would overwrite an earlier run's without --overwrite (a missing folder is created)."""
+    """Fail before any data is loaded or time spent if the results cannot be written where asked, are
+    being written by another run, or would overwrite an earlier run's without --overwrite (a missing
+    folder is created)."""
     csv_path = Path(config.csv)
     try:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"--csv {csv_path}: cannot create its folder ({error.strerror}); choose another path")
-    if csv_path.suffix in (".json", ".pt"):
-        raise OutputError(f"--csv {csv_path}: the record (.json) and checkpoint (.pt) are written beside the CSV; "
-                          "name the CSV *.csv")
+    if csv_path.suffix in (".json", ".pt", ".lock"):
+        raise OutputError(f"--csv {csv_path}: the record (.json), checkpoint (.pt) and lock (.lock) are written "
+                          "beside the CSV; name the CSV *.csv")
     if csv_path.is_dir():
         raise OutputError(f"--csv {csv_path} is a directory; give a file name such as {csv_path / 'results.csv'}")
-    outputs = (csv_path, record_path(csv_path), checkpoint_path(csv_path))
+    longest = csv_path.stem + LONGEST_SUFFIX
+    if len(os.fsencode(longest)) > _name_max(csv_path.parent):
+        raise OutputError(f"--csv {csv_path}: the name is too long for the files written beside it ({longest} has "
+                          f"{len(os.fsencode(longest))} bytes, the file system allows {_name_max(csv_path.parent)}); "
+                          "choose a shorter name")
+    checkpoint = checkpoint_path(csv_path)
+    outputs = (csv_path, record_path(csv_path), checkpoint)
     for path in outputs:
         if not os.access(path if path.exists() else path.parent, os.W_OK):
             raise OutputError(f"--csv {csv_path}: {path} is not writable; choose another path")
-    if config.resume:
-        if not checkpoint_path(csv_path).exists():
-            raise OutputError(f"--resume: there is no checkpoint {checkpoint_path(csv_path)} to continue from; "
-                              "run without --resume to start")
-    elif not config.overwrite:
-        for path in outputs:
-            if path.exists():
-                raise OutputError(f"--csv {csv_path}: {path} already exists; add --resume to continue that run "
-                                  "or --overwrite to replace it")
+    holder = lock_holder(csv_path)
+    if holder:
+        raise OutputError(_locked(csv_path, holder))
+    existing = [path for path in outputs if path.exists()]
+    if config.resume and not checkpoint.exists():
+        fix = ("start it again with --overwrite instead of --resume" if existing else "run without --resume to start")
+        raise OutputError(f"--resume: there is no checkpoint {checkpoint} to continue from; {fix}")
+    if not config.resume and not config.overwrite and existing:
+        fix = ("add --resume to continue that run or --overwrite to replace it" if checkpoint.exists() else
+               f"no checkpoint {checkpoint} is there to resume it from: add --overwrite to replace it")
+        raise OutputError(f"--csv {csv_path}: {existing[0]} already exists; {fix}")
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived: training stopped, the last checkpoint and CSV row are intact."""
+def check_seed_outputs(config: Config, seeds: list[Config]) -> None:
+    """--seeds: every seed's output is checked before the first seed trains. With --resume a seed goes
+    on from its checkpoint (whose settings must match) or, having none, starts afresh; but a seed whose
+    CSV holds epochs without a checkpoint is refused: finished results are never replaced silently."""
+    summary = summary_path(Path(config.csv))
+    if summary.exists() and not (config.resume or config.overwrite):
+        raise OutputError(f"--csv {config.csv}: {summary} already exists; add --resume to continue those seeds "
+                          "or --overwrite to replace them")
+    for each in seeds:
+        path = checkpoint_path(Path(each.csv))
+        if not each.resume:
+            check_output(each)
+        elif path.exists():
+            check_output(each)
+            check_resumable(load_checkpoint(path, verify=False), each, path)
+        elif _holds_rows(Path(each.csv)):
+            raise OutputError(f"--resume: seed {each.seed}'s {each.csv} holds finished epochs but its checkpoint {path} "
+                              "is gone; restore it, or --overwrite to start every seed afresh")
+        else:  # never finished an epoch: nothing to lose
+            check_output(replace(each, resume=False, overwrite=True))
+
+
+def _holds_rows(csv_path: Path) -> bool:
+    """Whether a results CSV has a row below its header (an unreadable one counts as holding rows)."""
+    try:
+        with open(csv_path, "rb") as file:
+            return len(file.read(1 << 16).splitlines()) > 1
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+# ---------------------------------------------------------------------------------------------------
+# One writer per output: an exclusive lock on STEM.lock beside the CSV, held while the run writes
+
+_HELD: dict[Path, int] = {}  # lock files this process holds -> their descriptors
+
+
+def lock_path(csv_path: Path) -> Path:
+    """results.csv -> results.lock."""
+    return csv_path.with_suffix(".lock")
+
+
+def lock_holder(csv_path: Path) -> str | None:
+    """Who holds the lock of this output, e.g. 'pid 4242, started 2026-11-29 10:15:02'; None when it is
+    free, held by this process, or left by a process that died (the kernel released its flock)."""
+    path = lock_path(csv_path)
+    if path.absolute() in _HELD:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:  # no lock file: nobody holds it
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None  # closing the descriptor below lets go again
+    except BlockingIOError:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def run_lock(csv_path: Path) -> Iterator[None]:
+    """Holds the output's lock inside the block (re-entrant within this process), else OutputError at
+    once. The lock file records pid and start time for the message another run gets; it is removed on
+    the way out. A process killed while holding it leaves the file, but the kernel releases its flock."""
+    path = lock_path(csv_path).absolute()
+    if path in _HELD:
+        yield
+        return
+    _HELD[path] = _acquire(path, csv_path)
+    try:
+        yield
+    finally:
+        fd = _HELD.pop(path)
+        path.unlink(missing_ok=True)  # while still holding it, so no other process can have it
+        os.close(fd)
+
+
+def _acquire(path: Path, csv_path: Path) -> int:
+    while True:
+        with writing(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise OutputError(_locked(csv_path, holder)) from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed that file as we opened it: lock the one at the path now
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    with writing(path):
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "started": started}).encode())
+    return fd
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {info['pid']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _locked(csv_path: Path, holder: str) -> str:
+    return (f"--csv {csv_path}: another run ({holder}) is writing these results (lock {lock_path(csv_path)}); "
+            "wait for it to finish or stop it, or choose another --csv")
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: training stopped, the last checkpoint and CSV row are intact. A
+    BaseException, like KeyboardInterrupt, so that no `except Exception` mistakes it for a failure."""
 
     def __init__(self, signum: int):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
@@ -124,15 +264,16 @@ class CheckpointWriter:
 
     def submit(self, payload: dict, row: dict) -> None:
         self.wait()
-        self.pending = self.executor.submit(self._write, _to_cpu(payload), row)
+        intact = ("; the epochs before it are saved: free some space, then continue with --resume" if row["epoch"] > 1
+                  else "; no epoch was saved yet: free some space, then start again with --overwrite")
+        with writing(self.path, intact):  # the host copy can run out of memory
+            state = _to_cpu(payload)
+        self.pending = self.executor.submit(self._write, state, row, intact)
 
-    def _write(self, payload: dict, row: dict) -> None:
-        try:
+    def _write(self, payload: dict, row: dict, intact: str) -> None:
+        with writing(self.path, intact):
             save_checkpoint(self.path, payload)
-            self.results.append(row)
-        except OSError as error:
-            raise OutputError(f"cannot write {self.path} or its CSV row ({error.strerror}); the previous "
-                              "epoch's checkpoint and rows are intact")
+        self.results.append(row, intact)
 
     def wait(self) -> None:
         if self.pending is not None:

@@ -15,6 +15,7 @@ checkpoint.py, and stopping / resuming in run_control.py; this file only puts th
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,8 +28,9 @@ from checkpoint import checkpoint_path, load_checkpoint
 from config import Config, configure_backends, device_name, seed_everything, speed_label, synchronize
 from datasets import BatchStream, Digits, DigitsSplit, load_digits
 from figures import picture_path, save_confusion
-from iteration import LiveLosses, NonFiniteLoss, NonFiniteWatch, TrainStep
+from iteration import LiveLosses, NonFiniteLoss, NonFiniteWatch, TrainStep, check_finite_weights
 from results import (
+    OutputError,
     ResultsWriter,
     run_record,
     seed_csv,
@@ -38,6 +40,7 @@ from results import (
     summary_table,
     write_json,
     write_summary,
+    writing,
 )
 from run_control import (
     CheckpointWriter,
@@ -45,10 +48,13 @@ from run_control import (
     SignalGuard,
     check_output,
     check_resumable,
+    check_seed_outputs,
     checkpoint_data,
     checkpoint_payload,
+    lock_holder,
     model_from_checkpoint,
     restore_run,
+    run_lock,
 )
 
 
@@ -99,55 +105,63 @@ def evaluate_all(model: SourceOnly, data: Digits, chunk_size: int) -> dict[str, 
 def save_target_confusion(model: SourceOnly, split: DigitsSplit, out: Path, title: str, chunk_size: int) -> None:
     """The ensemble's confusion matrix on `split` (the target test set) as a PNG."""
     predicted = model.predictions(split, chunk_size)[2].cpu().numpy()
-    save_confusion(predicted, split.labels.cpu().numpy(), out, title)
+    with writing(out):
+        save_confusion(predicted, split.labels.cpu().numpy(), out, title)
 
 
 def train(config: Config) -> dict[str, float | int | None]:
     """Train as configured, writing a checkpoint and then a CSV row after every epoch; returns the last
     row (the result). Raises OutputError / ResumeError / DataError before anything is written,
-    Interrupted on SIGINT/SIGTERM and NonFiniteLoss, both keeping the last checkpoint and CSV intact."""
+    Interrupted on SIGINT/SIGTERM and NonFiniteLoss, both keeping the last checkpoint and CSV intact.
+    The output's lock and the signal handlers are held until every write has finished."""
+    check_output(config)
+    with run_lock(Path(config.csv)), SignalGuard():
+        return _train(config)
+
+
+def _train(config: Config) -> dict[str, float | int | None]:
     csv_path = Path(config.csv)
     saved_path = checkpoint_path(csv_path)
-    check_output(config)
     checkpoint = load_checkpoint(saved_path) if config.resume else None
     if checkpoint is not None:
         check_resumable(checkpoint, config, saved_path)
-    device = torch.device(config.device)
-    configure_backends(config)
-    seed_everything(config.seed)  # model init and dropout masks, on every device
-    data = load_digits(config.data_root, config.download, config.allow_unverified_data, device,
-                       config.source, config.target, config.small_subsets, subset_seed=config.seed)
-    streams = batch_streams(data, config)
-    iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
-    model = ALGORITHMS[config.method](config, device)
-    model.train_mode(True)
-    rows: list[dict] = []
-    resumed_at: list[int] = []
-    if checkpoint is not None:
-        restore_run(checkpoint, model, streams, data.files, saved_path)
-        rows, resumed_at = checkpoint["rows"], checkpoint["resumed_at"] + [checkpoint["epoch"]]
-    else:
-        saved_path.unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
-    step = TrainStep(model, data.source_train, data.target_train)
-
-    record = run_record(config, data.files, device, iterations)
-    record["resumed_at_epochs"] = resumed_at
-    checkpoints = CheckpointWriter(saved_path, ResultsWriter(config, record, rows))
-    print(
-        f"{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training images, "
-        f"{config.epochs} epochs x {iterations} iterations on {device_name(device)} ({speed_label(config)})"
-        + (f"; resuming after epoch {rows[-1]['epoch']}" if rows else "")
-    )
-    if rows and rows[-1]["epoch"] == config.epochs:
-        print(f"{csv_path} already holds all {config.epochs} epochs; raise --epochs to train further")
-    seconds = rows[-1]["seconds"] if rows else 0.0
-    epoch = rows[-1]["epoch"] if rows else 0
+    rows: list[dict] = checkpoint["rows"] if checkpoint is not None else []
     try:
-        with SignalGuard():
+        device = torch.device(config.device)
+        configure_backends(config)
+        seed_everything(config.seed)  # model init and dropout masks, on every device
+        data = load_digits(config.data_root, config.download, config.allow_unverified_data, device,
+                           config.source, config.target, config.small_subsets, subset_seed=config.seed)
+        streams = batch_streams(data, config)
+        iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
+        model = ALGORITHMS[config.method](config, device)
+        model.train_mode(True)
+        resumed_at: list[int] = []
+        if checkpoint is not None:
+            restore_run(checkpoint, model, streams, data.files, saved_path)
+            resumed_at = checkpoint["resumed_at"] + [checkpoint["epoch"]]
+        else:
+            saved_path.unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
+        step = TrainStep(model, data.source_train, data.target_train)
+
+        record = run_record(config, data.files, device, iterations)
+        record["resumed_at_epochs"] = resumed_at
+        checkpoints = CheckpointWriter(saved_path, ResultsWriter(config, record, rows))
+        print(
+            f"{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training images, "
+            f"{config.epochs} epochs x {iterations} iterations on {device_name(device)} ({speed_label(config)})"
+            + (f"; resuming after epoch {rows[-1]['epoch']}" if rows else "")
+        )
+        if rows and rows[-1]["epoch"] == config.epochs:
+            print(f"{csv_path} already holds all {config.epochs} epochs; raise --epochs to train further")
+        seconds = rows[-1]["seconds"] if rows else 0.0
+        epoch = rows[-1]["epoch"] if rows else 0
+        try:
             for epoch in range(epoch + 1, config.epochs + 1):
                 start = time.perf_counter()
                 try:
                     losses = train_epoch(step, streams, iterations, desc=f"epoch {epoch}/{config.epochs}")
+                    check_finite_weights(model)
                 except NonFiniteLoss as error:
                     error.epoch = epoch
                     raise
@@ -166,35 +180,41 @@ def train(config: Config) -> dict[str, float | int | None]:
                 checkpoints.submit(checkpoint_payload(config, model, streams, data.files, rows + [row], resumed_at), row)
                 rows.append(row)
                 print(summary_line(row, config.epochs))
+        finally:
+            checkpoints.close()  # waits for the last write
+        save_target_confusion(model, data.target_test, picture_path(saved_path, "confusion"),
+                              f"{config.method}, target test, ensemble", config.eval_batch_size)
     except Interrupted as error:
         error.epochs_saved = rows[-1]["epoch"] if rows else 0
         raise
-    finally:
-        checkpoints.close()
-    save_target_confusion(model, data.target_test, picture_path(saved_path, "confusion"),
-                          f"{config.method}, target test, ensemble", config.eval_batch_size)
     return rows[-1]
 
 
 def run_seeds(config: Config, seeds: list[int]) -> None:
-    """The same configuration once per seed, one after another, then the summary over seeds."""
+    """The same configuration once per seed, one after another, then the summary over seeds. Every
+    seed's output is checked and locked before the first one trains."""
     csv_path = Path(config.csv)
     configs = [replace(config, seed=seed, csv=str(seed_csv(csv_path, seed))) for seed in seeds]
-    for each in configs:  # every output location is checked before the first seed trains
-        check_output(each if not each.resume else replace(each, resume=False, overwrite=True))
-    final_rows = {}
-    for each in configs:
-        if each.resume and not checkpoint_path(Path(each.csv)).exists():
-            # --resume of a multi-seed run: a seed that never finished an epoch has nothing to resume
-            each = replace(each, resume=False, overwrite=True)
-        print(f"== seed {each.seed}: {each.csv}")
+    check_seed_outputs(config, configs)
+    final_rows: dict[int, dict] = {}
+    current = configs[0]
+    with contextlib.ExitStack() as locks, SignalGuard():
+        for each in (config, *configs):  # the base name's lock covers the summary
+            locks.enter_context(run_lock(Path(each.csv)))
         try:
-            final_rows[each.seed] = train(each)
+            for current in configs:
+                if current.resume and not checkpoint_path(Path(current.csv)).exists():
+                    # --resume of a multi-seed run: a seed that never finished an epoch starts afresh
+                    current = replace(current, resume=False, overwrite=True)
+                print(f"== seed {current.seed}: {current.csv}")
+                final_rows[current.seed] = train(current)
+            summary = summarize(final_rows)
+            write_summary(summary_path(csv_path), summary)
         except (Interrupted, NonFiniteLoss) as error:
-            error.csv = each.csv  # the messages name this seed's files
+            error.csv = current.csv  # the messages name this seed's files
+            if isinstance(error, Interrupted) and current.seed in final_rows:  # between two seeds
+                error.epochs_saved = final_rows[current.seed]["epoch"]
             raise
-    summary = summarize(final_rows)
-    write_summary(summary_path(csv_path), summary)
     print(summary_table(summary))
     print(f"wrote {summary_path(csv_path)}")
 
@@ -202,6 +222,10 @@ def run_seeds(config: Config, seeds: list[int]) -> None:
 def evaluate_checkpoint(path: Path, device: torch.device, data_root: str | None, download: bool,
                         allow_unverified: bool, chunk_size: int) -> dict:
     """--evaluate: the accuracies of a saved model, without training (the CSV columns of its last row)."""
+    holder = lock_holder(path)
+    if holder:
+        raise OutputError(f"--evaluate: {path} belongs to a run that is still training ({holder}); "
+                          "evaluate it once that run has finished")
     checkpoint = load_checkpoint(path, flag="--evaluate")
     data = checkpoint_data(checkpoint, device, data_root, download, allow_unverified)
     model = model_from_checkpoint(checkpoint, device)

@@ -11,7 +11,6 @@ checkpoint's --data-root unless --data-root is given.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,8 +25,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 from algorithms import SourceOnly  # noqa: E402
 from checkpoint import ResumeError, load_checkpoint  # noqa: E402
 from datasets import DataError, Digits, DigitsSplit  # noqa: E402
+from results import OutputError  # noqa: E402
 from figures import picture_path, save_figure  # noqa: E402
-from main import HelpFormatter  # noqa: E402
+from main import HelpFormatter, OneLineErrors, _positive_int  # noqa: E402
 from models import NUM_CLASSES  # noqa: E402
 from run_control import checkpoint_data, model_from_checkpoint  # noqa: E402
 from train import save_target_confusion  # noqa: E402
@@ -83,23 +83,28 @@ def save_tsne(models: list[tuple[str, SourceOnly]], data: Digits, out: Path, ima
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    parser = OneLineErrors(prog="visualize.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a .pt written by main.py")
     parser.add_argument("--compare", type=Path, default=None, help="a second checkpoint (e.g. source-only) for the t-SNE")
-    parser.add_argument("--images", type=int, default=1000, help="test images per domain in the t-SNE")
+    parser.add_argument("--images", type=_positive_int, default=1000, help="test images per domain in the t-SNE")
     parser.add_argument("--data-root", default=None, help="default: the checkpoint's")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     try:
         checkpoints = [(path, load_checkpoint(path, flag="visualize")) for path in filter(None, (args.checkpoint, args.compare))]
+        pairs = {path: (c["config"].get("source", "svhn"), c["config"].get("target", "mnist")) for path, c in checkpoints}
+        if len(set(pairs.values())) > 1:
+            raise DataError("--compare: the two checkpoints were trained on different pairs ("
+                            + "; ".join(f"{path}: {source} -> {target}" for path, (source, target) in pairs.items())
+                            + "); compare models of one pair")
         data = checkpoint_data(checkpoints[0][1], device, args.data_root)
         models = [(f"{path.stem} ({c['config']['method']}, epoch {c['epoch']})", model_from_checkpoint(c, device))
                   for path, c in checkpoints]
         save_target_confusion(models[0][1], data.target_test, picture_path(args.checkpoint, "confusion"),
                               "target test, ensemble", chunk_size=2048)
         save_tsne(models, data, picture_path(args.checkpoint, "tsne"), args.images)
-    except (DataError, ResumeError, OSError) as error:
+    except (DataError, OutputError, ResumeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {picture_path(args.checkpoint, 'confusion')} and {picture_path(args.checkpoint, 'tsne')}")

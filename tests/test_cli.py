@@ -128,7 +128,9 @@ def test_plot_errors_are_one_line_exit_2(tmp_path):
         "header only": _write(tmp_path / "header.csv", header + "\n"),
         "truncated": _write(tmp_path / "trunc.csv", header + "\n1,3,0.5,2.3,0.1,0.1,55.0\n"),
         "not numbers": _write(tmp_path / "text.csv", header + "\n1,3,0.5,2.3,0.1,0.1,abc,1,1,1\n"),
+        "not UTF-8": tmp_path / "latin.csv",
     }
+    cases["not UTF-8"].write_bytes(header.encode() + b"\n1,3,0.5,2.3,0.1,0.1,\xe9t\xe9,1,1,1\n")
     for name, path in cases.items():
         result = run("plot_results.py", str(path), "--out", str(tmp_path / "x.png"))
         assert result.returncode == 2, name
@@ -148,6 +150,15 @@ def test_plot_several_files_and_never_imports_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(a), str(b)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "mcd.png").read_bytes()[:8] == PNG_MAGIC  # default output: first CSV's stem
+
+
+def test_plot_refuses_an_input_csv_as_its_output(tmp_path):
+    header = ",".join(CSV_COLUMNS)
+    a = _write(tmp_path / "r.csv", header + "\n1,3,1.0,2.0,0.1,0.1,50,40,41,42\n")
+    before = a.read_bytes()
+    result = run("plot_results.py", str(a), "--out", str(a))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "is one of the input CSVs" in result.stderr and a.read_bytes() == before
 
 
 def test_plot_unwritable_output(tmp_path):

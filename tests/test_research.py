@@ -20,7 +20,7 @@ import main as main_module
 import models
 import plot_results
 import visualize
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from figures import confusion_matrix
 from results import CSV_COLUMNS
 from run_control import checkpoint_data, model_from_checkpoint
@@ -127,6 +127,19 @@ def test_visualize_draws_tsne_of_two_models_and_the_confusion_matrix(seed_runs):
     for kind, least in (("tsne", 60_000), ("confusion", 20_000)):
         data = (folder / f"mcd_seed1_{kind}.png").read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > least
+
+
+def test_visualize_refuses_bad_images_and_a_comparison_across_pairs(seed_runs, tmp_path, capsys):
+    checkpoint = seed_runs.parent / "mcd_seed1.pt"
+    payload = load_checkpoint(checkpoint)
+    other = tmp_path / "usps.pt"
+    save_checkpoint(other, {**payload, "config": {**payload["config"], "source": "mnist", "target": "usps"}})
+    with pytest.raises(SystemExit) as exit_info:
+        visualize.main([str(checkpoint), "--images", "0", "--device", "cpu"])
+    assert exit_info.value.code == 2 and "--images" in capsys.readouterr().err
+    assert visualize.main([str(checkpoint), "--compare", str(other), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "different pairs" in err and "mnist -> usps" in err
 
 
 def test_tsne_by_digit_panels_have_a_legend_of_the_ten_digits_in_their_colours(seed_runs, tmp_path, monkeypatch):

@@ -290,3 +290,332 @@ def test_interrupted_before_the_first_epoch_says_to_start_again(digits_root, tmp
     err = capsys.readouterr().err
     assert "no epoch had finished" in err and "Start again with: python main.py" in err and err.rstrip().endswith("--overwrite")
     assert not csv_path.with_suffix(".pt").exists() and _rows(csv_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# One writer per output: the run lock
+
+
+# The small LeNet-style network (MNIST -> USPS): these tests are about files and processes, not the model.
+LENET = ("--source", "mnist", "--target", "usps")
+
+
+def _lock(csv_path: Path) -> Path:
+    return csv_path.with_suffix(".lock")
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_second_run_on_a_locked_output_is_refused_until_the_holder_dies(digits_root, tmp_path, capsys):
+    csv_path = tmp_path / "busy.csv"
+    holder = _start(_args(digits_root, csv_path, *LENET, epochs=100_000))  # killed long before
+    try:
+        _wait_for_rows(csv_path, 1, holder)
+        for flags in (["--overwrite"], ["--resume"], []):
+            started = time.monotonic()
+            assert main_module.main(_args(digits_root, csv_path, *LENET, *flags)) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"another run (pid {holder.pid}, started " in err, err
+            assert str(_lock(csv_path)) in err and "wait for it to finish" in err
+            assert time.monotonic() - started < 5  # at once, never waiting for the lock
+        assert main_module.main(["--evaluate", str(csv_path.with_suffix(".pt")), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "still training" in err and f"pid {holder.pid}" in err
+        assert not csv_path.with_name("busy_evaluation.json").exists()
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, but the kernel releases the lock
+        holder.communicate()
+    assert _lock(csv_path).exists()
+    saved = load_checkpoint(csv_path.with_suffix(".pt"))["epoch"]
+    assert main_module.main(_args(digits_root, csv_path, *LENET, "--resume", epochs=saved + 1)) == 0
+    assert [int(r["epoch"]) for r in _rows(csv_path)] == list(range(1, saved + 2))
+    assert not _lock(csv_path).exists()  # a clean exit takes its lock file away
+
+
+def test_seeds_lock_every_seed_before_the_first_trains(digits_root, tmp_path, capsys):
+    csv_path = tmp_path / "seeds.csv"
+    holder = _start(_args(digits_root, csv_path, *LENET, "--seeds", "1-2", epochs=100_000))
+    try:
+        _wait_for_rows(tmp_path / "seeds_seed1.csv", 1, holder)
+        assert _lock(tmp_path / "seeds_seed2.csv").exists()  # seed 2 has not started, yet is held
+        assert main_module.main(_args(digits_root, tmp_path / "seeds_seed2.csv", *LENET)) == 2
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+        assert main_module.main(_args(digits_root, csv_path, *LENET, "--seeds", "3")) == 2  # the summary's name is held too
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Failed writes: one line, exit 2, the previous checkpoint and rows intact, resumable
+
+LIMIT_EPOCH_2 = """
+import resource, sys
+sys.path.insert(0, {root!r})
+import main, run_control
+real_submit = run_control.CheckpointWriter.submit
+
+def submit(self, payload, row):
+    if row["epoch"] == 2:  # epoch 1 is on disk; from here on no file may grow past 64 KiB
+        self.wait()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+    real_submit(self, payload, row)
+
+run_control.CheckpointWriter.submit = submit
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def lenet_reference(digits_root, tmp_path_factory) -> Path:
+    csv_path = tmp_path_factory.mktemp("lenet") / "reference.csv"
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *_args(digits_root, csv_path, *LENET, "--deterministic", epochs=3)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return csv_path
+
+
+def test_file_size_limit_at_epoch_2_then_resume_gives_the_uninterrupted_csv(lenet_reference, digits_root, tmp_path):
+    csv_path = tmp_path / "full.csv"
+    args = _args(digits_root, csv_path, *LENET, "--deterministic", epochs=3)
+    limited = subprocess.run([sys.executable, "-c", LIMIT_EPOCH_2.format(root=str(ROOT)), *args],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    errors = [line for line in limited.stderr.splitlines() if line and not line.startswith("warning:")]
+    assert limited.returncode == 2, limited.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot write {csv_path.with_suffix('.pt')} (file size limit)")
+    assert "--resume" in errors[0] and "Traceback" not in limited.stderr
+    assert load_checkpoint(csv_path.with_suffix(".pt"))["epoch"] == 1 and [r["epoch"] for r in _rows(csv_path)] == ["1"]
+    assert not list(tmp_path.glob("*.tmp")) and not _lock(csv_path).exists()
+    resumed = subprocess.run([sys.executable, str(ROOT / "main.py"), *args, "--resume"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _results(csv_path) == _results(lenet_reference)
+
+
+def _disk_full_at_epoch_2(monkeypatch) -> None:
+    """torch.save fails half-way through epoch 2's checkpoint as on a full disk: the zip writer raises
+    a RuntimeError while handling the OSError (what torch really does)."""
+    real_save = torch.save
+
+    def save(payload, file):
+        if payload["epoch"] == 2:
+            file.write(b"half a checkpoint")
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+        real_save(payload, file)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize(("fault", "cause"), [("disk full", "disk full"), ("host memory", "out of memory")])
+def test_a_failed_checkpoint_is_one_line_and_keeps_epoch_1(digits_root, tmp_path, monkeypatch, capsys, fault, cause):
+    if fault == "disk full":
+        _disk_full_at_epoch_2(monkeypatch)
+    else:
+        import run_control
+        real_copy = run_control._to_cpu
+
+        def copy(payload):
+            if isinstance(payload, dict) and payload.get("epoch") == 2:  # the whole payload, not its parts
+                raise MemoryError()
+            return real_copy(payload)
+
+        monkeypatch.setattr(run_control, "_to_cpu", copy)
+    csv_path = tmp_path / "fault.csv"
+    assert main_module.main(_args(digits_root, csv_path, *LENET, epochs=3)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line and not line.startswith("warning:")]
+    assert len(errors) == 1 and f"cannot write {csv_path.with_suffix('.pt')} ({cause})" in errors[0], errors
+    assert load_checkpoint(csv_path.with_suffix(".pt"))["epoch"] == 1 and [r["epoch"] for r in _rows(csv_path)] == ["1"]
+    assert not list(tmp_path.glob("*.tmp")) and not _lock(csv_path).exists()
+
+
+def test_a_row_that_fails_half_way_is_cut_off_again(tmp_path, monkeypatch):
+    import results
+    from config import Config
+
+    csv_path = tmp_path / "rows.csv"
+    writer = results.ResultsWriter(Config(csv=str(csv_path)), {}, [])
+    row = {column: 1 for column in CSV_COLUMNS}
+    writer.append(row)
+    before = csv_path.read_bytes()
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results.os, "fsync", full)
+    with pytest.raises(results.OutputError, match=r"cannot write .*rows\.csv \(disk full\); the rest is safe"):
+        writer.append({**row, "epoch": 2}, intact="; the rest is safe")
+    writer.close()
+    assert csv_path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Found by fault injection
+
+
+def test_seeds_resume_never_replaces_a_finished_seed_whose_checkpoint_is_gone(digits_root, tmp_path, capsys):
+    csv_path = tmp_path / "r.csv"
+    assert main_module.main(_args(digits_root, csv_path, *LENET, "--seeds", "1-2", epochs=1)) == 0
+    capsys.readouterr()
+    seed1 = tmp_path / "r_seed1.csv"
+    seed1.with_suffix(".pt").unlink()
+    before = _snapshot(seed1, seed1.with_suffix(".json"), tmp_path / "r_seed2.pt", tmp_path / "r_summary.csv")
+    assert main_module.main(_args(digits_root, csv_path, *LENET, "--seeds", "1-2", "--resume", "--lr", "0.001", epochs=2)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seed 1" in err and "checkpoint" in err and "--overwrite" in err
+    assert _snapshot(*before) == before
+
+
+def test_seeds_resume_checks_every_seed_before_the_first_trains(digits_root, tmp_path, capsys):
+    csv_path = tmp_path / "r.csv"
+    assert main_module.main(_args(digits_root, csv_path, *LENET, "--seeds", "1-2", epochs=1)) == 0
+    capsys.readouterr()
+    outputs = [path for seed in (1, 2) for path in _outputs(tmp_path / f"r_seed{seed}.csv")]
+    before = _snapshot(*outputs, tmp_path / "r_summary.csv")
+    assert main_module.main(_args(digits_root, csv_path, *LENET, "--seeds", "1-2", "--resume", "--lr", "0.001", epochs=2)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lr 0.0002 -> 0.001" in err
+    assert _snapshot(*before) == before
+
+
+def test_a_later_seeds_run_never_replaces_the_summary_without_a_flag(digits_root, tmp_path, capsys):
+    csv_path = tmp_path / "r.csv"
+    assert main_module.main(_args(digits_root, csv_path, *LENET, "--seeds", "1", epochs=1)) == 0
+    summary = tmp_path / "r_summary.csv"
+    before = summary.read_bytes()
+    capsys.readouterr()
+    assert main_module.main(_args(digits_root, csv_path, *LENET, "--seeds", "2", epochs=1)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "r_summary.csv already exists" in err
+    assert summary.read_bytes() == before and not (tmp_path / "r_seed2.csv").exists()
+
+
+def test_a_run_that_died_before_its_first_checkpoint_is_offered_overwrite(digits_root, tmp_path, capsys):
+    csv_path = tmp_path / "early.csv"
+    csv_path.write_text(",".join(CSV_COLUMNS) + "\n")  # what a run leaves before epoch 1 is saved
+    csv_path.with_suffix(".json").write_text("{}")
+    for flags in (["--resume"], []):
+        assert main_module.main(_args(digits_root, csv_path, *LENET, *flags)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--overwrite" in err, err
+        assert "run without --resume" not in err and "add --resume" not in err
+    assert main_module.main(_args(digits_root, csv_path, *LENET, "--overwrite", epochs=1)) == 0
+
+
+SIGNAL_DURING = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import main, run_control, train
+where = sys.argv.pop(1)
+
+def signalled(real, signum):
+    def wrapper(*args):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.5)  # the handler runs in the main thread meanwhile
+        return real(*args)
+    return wrapper
+
+if where == "last checkpoint":  # on the writer thread, while the main thread waits for it
+    real_save = run_control.save_checkpoint
+    run_control.save_checkpoint = lambda path, payload: (signalled(real_save, signal.SIGTERM) if payload["epoch"] == 2
+                                                         else real_save)(path, payload)
+else:  # the final confusion picture
+    train.save_target_confusion = signalled(train.save_target_confusion, signal.SIGINT)
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("where", "code"), [("last checkpoint", 143), ("final picture", 130)])
+def test_a_signal_during_the_last_writes_finishes_them_and_says_resume(digits_root, tmp_path, where, code):
+    csv_path = tmp_path / "late.csv"
+    done = subprocess.run([sys.executable, "-c", SIGNAL_DURING.format(root=str(ROOT)), where,
+                           *_args(digits_root, csv_path, *LENET, epochs=2)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == code, done.stderr
+    assert "hold epochs 1-2" in done.stderr and "--resume" in done.stderr and "Traceback" not in done.stderr
+    assert "before training started" not in done.stderr
+    assert load_checkpoint(csv_path.with_suffix(".pt"))["epoch"] == 2 and len(_rows(csv_path)) == 2
+    assert not list(tmp_path.glob("*.tmp")) and not _lock(csv_path).exists()
+
+
+def test_non_finite_weights_are_never_checkpointed_as_good(digits_root, tmp_path, monkeypatch, capsys):
+    calls = []
+    real_update = algorithms.MCD.update
+
+    def update(self, xs, ys, xt):
+        losses = real_update(self, xs, ys, xt)  # finite: the damage comes after them
+        calls.append(1)
+        if len(calls) == 4:  # the last iteration of epoch 2
+            with torch.no_grad():
+                next(self.F1.parameters()).fill_(float("inf"))
+        return losses
+
+    monkeypatch.setattr(algorithms.MCD, "update", update)
+    csv_path = tmp_path / "inf.csv"
+    assert main_module.main(_args(digits_root, csv_path, *LENET, epochs=3)) == 3
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
+    assert len(errors) == 1 and "non-finite weights at the end of epoch 2" in errors[0] and "hold epochs 1-1" in errors[0]
+    assert [r["epoch"] for r in _rows(csv_path)] == ["1"] and load_checkpoint(csv_path.with_suffix(".pt"))["epoch"] == 1
+
+
+def test_a_damaged_or_incomplete_checkpoint_is_refused_an_old_one_without_checksum_loads(finished_run, digits_root,
+                                                                                        tmp_path, capsys):
+    csv_path = _copy_run(finished_run, tmp_path)
+    checkpoint = csv_path.with_suffix(".pt")
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside G's weights
+    checkpoint.write_bytes(bytes(data))
+    before = _snapshot(*_outputs(csv_path))
+    assert main_module.main(_args(digits_root, csv_path, "--resume", epochs=3)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is damaged" in err
+    assert main_module.main(["--evaluate", str(checkpoint), "--device", "cpu"]) == 2
+    assert "is damaged" in capsys.readouterr().err
+    assert _snapshot(*_outputs(csv_path)) == before
+
+    payload = torch.load(finished_run.with_suffix(".pt"), weights_only=True)
+    torch.save({key: value for key, value in payload.items() if key != "checksum"}, checkpoint)  # as written before
+    assert load_checkpoint(checkpoint)["epoch"] == 2
+    save_checkpoint(checkpoint, {"format_version": 1, "epoch": 2})
+    assert main_module.main(_args(digits_root, csv_path, "--resume", epochs=3)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is incomplete (no config, rows," in err
+
+
+def test_evaluate_into_a_folder_it_cannot_write_is_one_line(finished_run, tmp_path, monkeypatch, capsys):
+    import results
+
+    checkpoint = _copy_run(finished_run, tmp_path).with_suffix(".pt")
+
+    def denied(source, destination):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(results.os, "replace", denied)
+    assert main_module.main(["--evaluate", str(checkpoint), "--device", "cpu"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
+    assert len(errors) == 1 and "cannot write" in errors[0] and "(permission denied)" in errors[0]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_failure_causes_are_named_through_the_exception_chain():
+    from results import failure_cause
+
+    assert failure_cause(OSError(28, "No space left on device")) == "disk full"
+    assert failure_cause(OSError(27, "File too large")) == "file size limit"
+    assert failure_cause(MemoryError()) == "out of memory"
+    try:
+        try:
+            raise OSError(27, "File too large")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 8 vs 0")
+    except RuntimeError as zip_writer:  # torch's zip writer, failing while the OSError is handled
+        assert failure_cause(zip_writer) == "file size limit"
+    assert failure_cause(RuntimeError("something\nelse")) == "RuntimeError: something"
