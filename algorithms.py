@@ -69,7 +69,8 @@ class SourceOnly:
 
     def __init__(self, config: Config, device: torch.device):
         self.config, self.device = config, device
-        self.G, self.F1, self.F2 = build_models(device, architecture_for(config.source, config.target))
+        self.G, self.F1, self.F2 = build_models(device, architecture_for(config.source, config.target),
+                                                config.batchnorm_init)
         if config.channels_last:
             self.G.to(memory_format=torch.channels_last)
         # The training forward passes, compiled when asked. Evaluation calls the eager modules: other

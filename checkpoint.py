@@ -22,8 +22,10 @@ FORMAT_VERSION = 1
 # Config keys that change what a run computes: a resumed run must match its checkpoint on every one.
 # (epochs may grow to extend a run; paths, evaluation chunking and the speed switches other than
 # precision only change where files are or how fast the same arithmetic runs.)
-RESULT_KEYS = ("method", "source", "target", "small_subsets", "discrepancy", "swd_projections", "batch_size", "iters_per_epoch", "lr", "weight_decay",
-               "num_k", "seed", "precision", "deterministic")
+RESULT_KEYS = ("protocol", "method", "source", "target", "small_subsets", "discrepancy", "swd_projections", "batch_size",
+               "iters_per_epoch", "lr", "weight_decay", "num_k", "seed", "precision", "batchnorm_init", "deterministic")
+# Result keys added after checkpoints were first written, with the value every earlier run had.
+ADDED_LATER = {"protocol": "default", "batchnorm_init": "ones"}
 
 
 # What train() needs from a checkpoint; a file missing any of them is refused (e.g. a truncated pickle).
@@ -108,6 +110,7 @@ def load_checkpoint(path: Path, flag: str = "--resume", verify: bool = True) -> 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """The result-changing settings in which `current` differs from the checkpoint's config."""
+    saved = {**ADDED_LATER, **saved}
     differences = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in RESULT_KEYS if saved.get(key) != current[key]]
     saved_device, device = torch.device(saved["device"]).type, torch.device(current["device"]).type
     if saved_device != device:  # the batch streams' generators and the RNG states are per device type

@@ -16,6 +16,11 @@ import numpy as np
 import torch
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+PROTOCOLS = ("default", "original")
+# The original code (mil-tokyo/MCD_DA) on SVHN -> MNIST: an epoch ends at the first incomplete batch of
+# its 55,000 MNIST images (55,000 // 128 = 429 iterations) and training stops once 20,000 iterations
+# are counted, i.e. after 47 epochs = 20,163 iterations.
+ORIGINAL_SVHN_SCHEDULE = {"epochs": 47, "iters_per_epoch": 429}
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,8 @@ class Config:
     weight_decay: float = 5e-4
     num_k: int = 4  # generator updates (step C) per iteration
     seed: int = 1
+    protocol: str = "default"  # one of PROTOCOLS: what the flags not given default to (see protocol_values)
+    batchnorm_init: str = "ones"  # one of models.BATCHNORM_INITS: "uniform" is PyTorch 0.2's gamma ~ U(0, 1)
     method: str = "mcd"  # one of algorithms.METHODS
     source: str = "svhn"  # one of datasets.DOMAINS
     target: str = "mnist"
@@ -50,6 +57,19 @@ class Config:
     deterministic: bool = False  # deterministic algorithms only, cuDNN autotuning off: identical reruns
     resume: bool = False  # continue from the checkpoint beside csv
     overwrite: bool = False  # replace an existing csv / checkpoint instead of refusing
+
+
+def protocol_values(protocol: str, source: str, target: str) -> dict:
+    """The settings a protocol fixes for a pair; flags given explicitly override them. 'original' is the
+    original code's run as far as it can be reproduced (README 'Differences from the original code'):
+    PyTorch 0.2's BatchNorm init and fp32 everywhere, and for pairs with SVHN its schedule (the
+    schedule of its MNIST <-> USPS runs is not reproduced: those keep the default one)."""
+    if protocol == "default":
+        return {}
+    values = {"batchnorm_init": "uniform", "precision": "fp32"}
+    if "svhn" in (source, target):
+        values.update(ORIGINAL_SVHN_SCHEDULE)
+    return values
 
 
 def configure_backends(config: Config) -> None:

@@ -16,9 +16,10 @@ import torch
 
 from checkpoint import ResumeError, checkpoint_path
 from algorithms import DISCREPANCIES, METHODS
-from config import PRECISIONS, Config
+from config import ORIGINAL_SVHN_SCHEDULE, PRECISIONS, PROTOCOLS, Config, protocol_values
 from datasets import DOMAINS, DataError
 from iteration import NonFiniteLoss
+from models import BATCHNORM_INITS
 from results import OutputError
 from run_control import Interrupted
 from train import evaluate_checkpoint, run_seeds, train
@@ -109,15 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     add = parser.add_argument
-    add("--epochs", type=_positive_int, default=defaults.epochs, help="training epochs")
+    add("--protocol", choices=PROTOCOLS, default=defaults.protocol,
+        help="default: this project's setting; original: the original code's run where it can be reproduced "
+             "(BatchNorm scales ~ U(0, 1), fp32, and with SVHN 47 epochs x 429 iterations). Flags given "
+             "explicitly override the protocol's values (README 'Differences from the original code')")
+    add("--epochs", type=_positive_int, default=None,
+        help=f"training epochs (default: {defaults.epochs}; {ORIGINAL_SVHN_SCHEDULE['epochs']} with --protocol original "
+             "and SVHN)")
     add("--iters-per-epoch", type=_positive_int, default=None,
         help="iterations per epoch (default: one pass over the smaller training set at the batch size, "
-             "468 for MNIST at 128)")
+             f"468 for MNIST at 128; {ORIGINAL_SVHN_SCHEDULE['iters_per_epoch']} with --protocol original and SVHN)")
     add("--batch-size", type=_batch_size, default=defaults.batch_size, help="images per domain per iteration")
     add("--lr", type=_positive_float, default=defaults.lr, help="Adam learning rate (G and both heads)")
     add("--weight-decay", type=_non_negative_float, default=defaults.weight_decay, help="Adam weight decay (L2)")
     add("--num-k", type=_positive_int, default=defaults.num_k, help="generator updates (step C) per iteration")
     add("--seed", type=_seed, default=defaults.seed, help="random seed (init, dropout, batch order)")
+    add("--batchnorm-init", choices=BATCHNORM_INITS, default=None,
+        help=f"BatchNorm scales at initialisation: ones (PyTorch >= 1.0) or uniform U(0, 1) as PyTorch 0.2 "
+             f"(default: {defaults.batchnorm_init}; uniform with --protocol original)")
     add("--seeds", type=_seeds, nargs="+", default=None, metavar="SEED",
         help="run once per seed (e.g. 1 2 3, or 1-5), each to CSV_seedN.csv, then write CSV_summary.csv "
              "with mean ± std of the last epoch; overrides --seed")
@@ -156,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--debug", action="store_true", help="print the traceback behind an error message")
     speed = parser.add_argument_group("speed (none of these changes the mathematics; see README 'Speed')")
     speed.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                       help="auto: bf16 on CUDA, fp32 elsewhere. fp32 is exact (TF32 off); tf32 uses TF32 "
+                       help="auto: bf16 on CUDA, fp32 elsewhere and with --protocol original. fp32 is exact (TF32 off); tf32 uses TF32 "
                             "matrix units; bf16 autocasts convolutions and matrix products, losses stay fp32")
     speed.add_argument("--cuda-graph", choices=SWITCH, default="auto",
                        help="capture the whole training iteration once as a CUDA graph and replay it "
@@ -193,13 +203,23 @@ def resolve_speed(args: argparse.Namespace, device: str, parser: argparse.Argume
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    """The run's Config from the flags: a flag given explicitly wins, then the protocol's value, then
+    the default."""
     device = resolve_device(args.device, parser)
-    config = Config(
-        epochs=args.epochs,
-        iters_per_epoch=args.iters_per_epoch,
+    protocol = protocol_values(args.protocol, args.source, args.target)
+
+    def chosen(name: str, given, default):
+        return given if given is not None else protocol.get(name, default)
+
+    speed = resolve_speed(args, device, parser)
+    if args.precision == "auto":
+        speed["precision"] = protocol.get("precision", speed["precision"])
+    return Config(
+        protocol=args.protocol,
+        epochs=chosen("epochs", args.epochs, Config.epochs),
+        iters_per_epoch=chosen("iters_per_epoch", args.iters_per_epoch, Config.iters_per_epoch),
+        batchnorm_init=chosen("batchnorm_init", args.batchnorm_init, Config.batchnorm_init),
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
@@ -217,11 +237,18 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         csv=args.csv,
         eval_batch_size=args.eval_batch_size,
-        **resolve_speed(args, device, parser),
+        **speed,
         deterministic=args.deterministic,
         resume=args.resume,
         overwrite=args.overwrite,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = build_config(args, parser)
+    device = config.device
     seeds = sorted({seed for group in args.seeds for seed in group}) if args.seeds else None
     try:
         if args.evaluate:

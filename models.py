@@ -13,6 +13,7 @@ from torch import nn
 
 FEATURE_DIM = 3072
 NUM_CLASSES = 10
+BATCHNORM_INITS = ("ones", "uniform")
 
 
 def _conv_block(in_channels: int, out_channels: int, pool: bool) -> list[nn.Module]:
@@ -115,7 +116,17 @@ def architecture_for(source: str, target: str) -> str:
     return "svhn2mnist" if "svhn" in (source, target) else "usps"
 
 
-def build_models(device: torch.device, architecture: str = "svhn2mnist") -> tuple[nn.Module, nn.Module, nn.Module]:
-    """G, F1, F2 on the device, initialised from the current torch seed."""
+def build_models(device: torch.device, architecture: str = "svhn2mnist", batchnorm_init: str = "ones"
+                 ) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """G, F1, F2 on the device, initialised from the current torch seed. batchnorm_init "uniform" redraws
+    every BatchNorm scale from U(0, 1) (shift 0) as PyTorch 0.2 did, which the original code ran on;
+    PyTorch >= 1.0 starts at 1. The redraw comes after the default init, so every other weight is the
+    same as with "ones" for the same seed: the two differ in the BatchNorm scales alone."""
     generator, classifier = ARCHITECTURES[architecture]
-    return generator().to(device), classifier().to(device), classifier().to(device)
+    models = generator().to(device), classifier().to(device), classifier().to(device)
+    if batchnorm_init == "uniform":
+        for module in (m for model in models for m in model.modules()):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                nn.init.uniform_(module.weight, 0.0, 1.0)
+                nn.init.zeros_(module.bias)
+    return models

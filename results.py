@@ -25,7 +25,7 @@ from typing import Iterator, TextIO
 import torch
 import torchvision
 
-from config import Config, device_name
+from config import Config, device_name, protocol_values
 from datasets import DataFile
 
 CSV_COLUMNS = (
@@ -171,6 +171,10 @@ def run_record(config: Config, files: list[DataFile], device: torch.device, iter
     """What results.json holds besides the rows: how to reproduce the run and what it ran on."""
     return {
         "config": asdict(config),
+        # the protocol, and the values it set that this run uses (flags given explicitly override it)
+        "protocol": {"name": config.protocol, "set": {key: value for key, value in
+                                                      protocol_values(config.protocol, config.source, config.target).items()
+                                                      if getattr(config, key) == value}},
         "iterations_per_epoch": iterations,
         "device": device_name(device),
         "python": platform.python_version(),

@@ -116,78 +116,80 @@ def train(config: Config) -> dict[str, float | int | None]:
     The output's lock and the signal handlers are held until every write has finished."""
     check_output(config)
     with run_lock(Path(config.csv)), SignalGuard():
-        return _train(config)
+        saved_path = checkpoint_path(Path(config.csv))
+        checkpoint = load_checkpoint(saved_path) if config.resume else None
+        if checkpoint is not None:
+            check_resumable(checkpoint, config, saved_path)
+        rows: list[dict] = list(checkpoint["rows"]) if checkpoint is not None else []  # grows epoch by epoch
+        try:
+            _train(config, checkpoint, rows)
+        except Interrupted as error:
+            error.epochs_saved = rows[-1]["epoch"] if rows else 0
+            raise
+        return rows[-1]
 
 
-def _train(config: Config) -> dict[str, float | int | None]:
+def _train(config: Config, checkpoint: dict | None, rows: list[dict]) -> None:
+    """Set up (data, model, restored state), then the epochs, appending each epoch's row to `rows`."""
     csv_path = Path(config.csv)
     saved_path = checkpoint_path(csv_path)
-    checkpoint = load_checkpoint(saved_path) if config.resume else None
+    device = torch.device(config.device)
+    configure_backends(config)
+    seed_everything(config.seed)  # model init and dropout masks, on every device
+    data = load_digits(config.data_root, config.download, config.allow_unverified_data, device,
+                       config.source, config.target, config.small_subsets, subset_seed=config.seed)
+    streams = batch_streams(data, config)
+    iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
+    model = ALGORITHMS[config.method](config, device)
+    model.train_mode(True)
+    resumed_at: list[int] = []
     if checkpoint is not None:
-        check_resumable(checkpoint, config, saved_path)
-    rows: list[dict] = checkpoint["rows"] if checkpoint is not None else []
-    try:
-        device = torch.device(config.device)
-        configure_backends(config)
-        seed_everything(config.seed)  # model init and dropout masks, on every device
-        data = load_digits(config.data_root, config.download, config.allow_unverified_data, device,
-                           config.source, config.target, config.small_subsets, subset_seed=config.seed)
-        streams = batch_streams(data, config)
-        iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
-        model = ALGORITHMS[config.method](config, device)
-        model.train_mode(True)
-        resumed_at: list[int] = []
-        if checkpoint is not None:
-            restore_run(checkpoint, model, streams, data.files, saved_path)
-            resumed_at = checkpoint["resumed_at"] + [checkpoint["epoch"]]
-        else:
-            saved_path.unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
-        step = TrainStep(model, data.source_train, data.target_train)
+        restore_run(checkpoint, model, streams, data.files, saved_path)
+        resumed_at = checkpoint["resumed_at"] + [checkpoint["epoch"]]
+    else:
+        saved_path.unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
+    step = TrainStep(model, data.source_train, data.target_train)
 
-        record = run_record(config, data.files, device, iterations)
-        record["resumed_at_epochs"] = resumed_at
-        checkpoints = CheckpointWriter(saved_path, ResultsWriter(config, record, rows))
-        print(
-            f"{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training images, "
-            f"{config.epochs} epochs x {iterations} iterations on {device_name(device)} ({speed_label(config)})"
-            + (f"; resuming after epoch {rows[-1]['epoch']}" if rows else "")
-        )
-        if rows and rows[-1]["epoch"] == config.epochs:
-            print(f"{csv_path} already holds all {config.epochs} epochs; raise --epochs to train further")
-        seconds = rows[-1]["seconds"] if rows else 0.0
-        epoch = rows[-1]["epoch"] if rows else 0
-        try:
-            for epoch in range(epoch + 1, config.epochs + 1):
-                start = time.perf_counter()
-                try:
-                    losses = train_epoch(step, streams, iterations, desc=f"epoch {epoch}/{config.epochs}")
-                    check_finite_weights(model)
-                except NonFiniteLoss as error:
-                    error.epoch = epoch
-                    raise
-                synchronize(device)
-                seconds += time.perf_counter() - start  # training time only; evaluation is not counted
-                row = {
-                    "epoch": epoch,
-                    "iterations": epoch * iterations,
-                    "seconds": seconds,
-                    "loss_source": losses["loss_source"],
-                    "discrepancy_b": losses.get("discrepancy_b"),
-                    "discrepancy_c": losses.get("discrepancy_c"),
-                    **evaluate_all(model, data, config.eval_batch_size),
-                }
-                # Checkpoint first, then its row (in the background): the two always agree.
-                checkpoints.submit(checkpoint_payload(config, model, streams, data.files, rows + [row], resumed_at), row)
-                rows.append(row)
-                print(summary_line(row, config.epochs))
-        finally:
-            checkpoints.close()  # waits for the last write
-        save_target_confusion(model, data.target_test, picture_path(saved_path, "confusion"),
-                              f"{config.method}, target test, ensemble", config.eval_batch_size)
-    except Interrupted as error:
-        error.epochs_saved = rows[-1]["epoch"] if rows else 0
-        raise
-    return rows[-1]
+    record = run_record(config, data.files, device, iterations)
+    record["resumed_at_epochs"] = resumed_at
+    checkpoints = CheckpointWriter(saved_path, ResultsWriter(config, record, rows))
+    print(
+        f"{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training images, "
+        f"{config.epochs} epochs x {iterations} iterations on {device_name(device)} ({speed_label(config)})"
+        + (f"; resuming after epoch {rows[-1]['epoch']}" if rows else "")
+    )
+    if rows and rows[-1]["epoch"] == config.epochs:
+        print(f"{csv_path} already holds all {config.epochs} epochs; raise --epochs to train further")
+    seconds = rows[-1]["seconds"] if rows else 0.0
+    epoch = rows[-1]["epoch"] if rows else 0
+    try:
+        for epoch in range(epoch + 1, config.epochs + 1):
+            start = time.perf_counter()
+            try:
+                losses = train_epoch(step, streams, iterations, desc=f"epoch {epoch}/{config.epochs}")
+                check_finite_weights(model)
+            except NonFiniteLoss as error:
+                error.epoch = epoch
+                raise
+            synchronize(device)
+            seconds += time.perf_counter() - start  # training time only; evaluation is not counted
+            row = {
+                "epoch": epoch,
+                "iterations": epoch * iterations,
+                "seconds": seconds,
+                "loss_source": losses["loss_source"],
+                "discrepancy_b": losses.get("discrepancy_b"),
+                "discrepancy_c": losses.get("discrepancy_c"),
+                **evaluate_all(model, data, config.eval_batch_size),
+            }
+            # Checkpoint first, then its row (in the background): the two always agree.
+            checkpoints.submit(checkpoint_payload(config, model, streams, data.files, rows + [row], resumed_at), row)
+            rows.append(row)
+            print(summary_line(row, config.epochs))
+    finally:
+        checkpoints.close()  # waits for the last write
+    save_target_confusion(model, data.target_test, picture_path(saved_path, "confusion"),
+                          f"{config.method}, target test, ensemble", config.eval_batch_size)
 
 
 def run_seeds(config: Config, seeds: list[int]) -> None:
