@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = sorted(path.stem for path in ROOT.glob("*.py"))
-ENTRY_POINTS = {"main", "benchmark", "visualize", "plot_results"}
+ENTRY_POINTS = {"main", "benchmark", "visualize", "plot_results", "sweep"}
 LOOP = "train"  # below the entry points, above everything else
 MAX_LINES = 450
 
