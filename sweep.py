@@ -27,6 +27,9 @@ from pathlib import Path
 
 import submitit
 
+from algorithms import METHODS
+from datasets import DOMAINS
+from main import _seeds
 from results import seed_csv, summary_path
 from run_control import lock_holder
 
@@ -109,6 +112,10 @@ def launch(args: argparse.Namespace, flags: list[str]) -> int:
     taken = [flag for flag in flags if flag.split("=")[0] in GRID_FLAGS]
     if taken:
         raise SystemExit(f"error: {' '.join(taken)}: the sweep sets these per job (--pairs, --methods, --seeds, --out)")
+    try:
+        seed_numbers(args.seeds)
+    except argparse.ArgumentTypeError as error:
+        raise SystemExit(f"error: --seeds {error}")
     out = Path(args.out).absolute()
     jobs = expand_grid(out, args.pairs, args.methods, args.seeds, flags)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,11 +176,8 @@ def status(out: Path) -> int:
 
 
 def seed_numbers(seeds: list[str]) -> list[int]:
-    numbers = set()
-    for text in seeds:
-        first, _, last = text.partition("-")
-        numbers.update(range(int(first), int(last or first) + 1))
-    return sorted(numbers)
+    """['1-3', '7'] -> [1, 2, 3, 7], read as main.py reads --seeds."""
+    return sorted({seed for text in seeds for seed in _seeds(text)})
 
 
 def job_result(job: Job) -> dict:
@@ -220,14 +224,21 @@ def print_table(out: Path) -> None:
     print(f"wrote {out / 'table.md'} and {out / 'table.csv'}")
 
 
+def _pair(text: str) -> str:
+    source, _, target = text.partition(":")
+    if source not in DOMAINS or target not in DOMAINS or source == target:
+        raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE:TARGET, two different ones of {', '.join(DOMAINS)}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     # allow_abbrev off: main.py's --seed must pass through, not be read as --seeds
     go = commands.add_parser("launch", help="expand the grid and submit its jobs (again: continue it)", allow_abbrev=False)
     go.add_argument("--out", required=True, help="the sweep's folder")
-    go.add_argument("--pairs", nargs="+", default=["svhn:mnist"], help="SOURCE:TARGET pairs")
-    go.add_argument("--methods", nargs="+", default=["mcd", "source_only"])
+    go.add_argument("--pairs", nargs="+", type=_pair, default=["svhn:mnist"], help="SOURCE:TARGET pairs")
+    go.add_argument("--methods", nargs="+", choices=METHODS, default=["mcd", "source_only"])
     go.add_argument("--seeds", nargs="+", default=["1-5"], help="as main.py --seeds")
     go.add_argument("--launcher", choices=("local", "slurm"), default="local")
     go.add_argument("--gpus", type=int, default=None, help="local: shards, one per GPU (default: all visible; 0: CPU)")
