@@ -1,7 +1,8 @@
 """Run control: what lets a run stop at any moment and continue exactly, and never clobber another's files.
 
-- check_output: before any data is loaded, the results can be written where asked and no earlier run's
-  files would be replaced without --overwrite;
+- check_output / check_seed_outputs: before any data is loaded, the results can be written where asked,
+  no other run is writing them, and no earlier run's files would be replaced without --overwrite;
+- run_lock / lock_holder: one writer per output, an exclusive flock on STEM.lock beside the CSV;
 - CheckpointWriter: each epoch's checkpoint, then its CSV row, written on a background thread;
 - checkpoint_payload / check_resumable / restore_run: what a checkpoint holds, whether it can
   continue this run, and putting its state back (checkpoint.py holds the file format itself);
@@ -60,11 +61,10 @@ def check_output(config: Config) -> None:
                           "beside the CSV; name the CSV *.csv")
     if csv_path.is_dir():
         raise OutputError(f"--csv {csv_path} is a directory; give a file name such as {csv_path / 'results.csv'}")
-    longest = csv_path.stem + LONGEST_SUFFIX
-    if len(os.fsencode(longest)) > _name_max(csv_path.parent):
+    longest, limit = csv_path.stem + LONGEST_SUFFIX, _name_max(csv_path.parent)
+    if len(os.fsencode(longest)) > limit:
         raise OutputError(f"--csv {csv_path}: the name is too long for the files written beside it ({longest} has "
-                          f"{len(os.fsencode(longest))} bytes, the file system allows {_name_max(csv_path.parent)}); "
-                          "choose a shorter name")
+                          f"{len(os.fsencode(longest))} bytes, the file system allows {limit}); choose a shorter name")
     checkpoint = checkpoint_path(csv_path)
     outputs = (csv_path, record_path(csv_path), checkpoint)
     for path in outputs:
