@@ -36,13 +36,13 @@ def _last_rows(folder: Path) -> list[float]:
     return values
 
 
-def _status(out: Path) -> dict[str, str]:
-    done = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "status", str(out)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return dict(line.split(": ", 1) for line in done.stdout.splitlines())
+def _status(out: Path, capsys: pytest.CaptureFixture) -> dict[str, str]:
+    capsys.readouterr()
+    assert sweep.main(["status", str(out)]) == 0
+    return dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
 
 
-def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_last_epochs(digits_root, tmp_path):
+def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_last_epochs(digits_root, tmp_path, capsys):
     out = tmp_path / "sweep"
     first, second = out / JOBS[0], out / JOBS[1]
     launcher = subprocess.Popen(_launch(digits_root, out, epochs=3), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -54,7 +54,7 @@ def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_la
     os.killpg(launcher.pid, signal.SIGKILL)  # the launcher, its submitit job and the main.py under it
     launcher.wait()
     finished = {path: path.read_bytes() for path in first.iterdir() if path.suffix in (".csv", ".pt", ".json")}
-    states = _status(out)
+    states = _status(out, capsys)
     assert states[JOBS[0]] == "done" and states[JOBS[1]].startswith(("failed", "not started")), states
 
     again = subprocess.run(_launch(digits_root, out, epochs=3), capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -63,7 +63,7 @@ def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_la
     assert {path: path.read_bytes() for path in finished} == finished  # the finished job was not run again
     log = (second / "main.log").read_text()
     assert "resuming after epoch" in log or "already holds all 3 epochs" in log  # continued, not restarted
-    assert _status(out) == {job: "done" for job in JOBS}
+    assert _status(out, capsys) == {job: "done" for job in JOBS}
     with open(out / "table.csv", newline="") as file:
         table = {row["method"]: row for row in csv.DictReader(file)}
     for method, job in zip(("mcd", "source_only"), JOBS):
@@ -78,12 +78,12 @@ def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_la
     assert done.returncode == 0 and "2 done already, 0 to run" in done.stdout
 
 
-def test_a_failed_job_shows_its_last_log_line(tmp_path):
+def test_a_failed_job_shows_its_last_log_line(tmp_path, capsys):
     out = tmp_path / "sweep"
     done = subprocess.run(_launch(tmp_path / "no-data", out, methods=("mcd",)), capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
     assert done.returncode == 1
-    states = _status(out)
+    states = _status(out, capsys)
     assert list(states) == [JOBS[0]] and states[JOBS[0]].startswith("failed: error: ") and "--no-download" in states[JOBS[0]]
     assert "–" in (out / "table.md").read_text()  # no value, no average made up
 
