@@ -84,12 +84,13 @@ def writing(path: Path, intact: str = "") -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_text(path: Path) -> Iterator[TextIO]:
+def atomic_text(path: Path, intact: str = "") -> Iterator[TextIO]:
     """A text file written whole to a temp file beside `path`, fsynced, then renamed over it: a reader
-    sees the old content or the new, never half. The temp file never stays; failures are OutputErrors."""
+    sees the old content or the new, never half. The temp file never stays; failures are OutputErrors
+    ending in `intact`."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with writing(path), open(tmp, "w", newline="") as file:
+        with writing(path, intact), open(tmp, "w", newline="") as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
@@ -109,9 +110,9 @@ def record_path(csv_path: Path) -> Path:
     return csv_path.with_suffix(".json")
 
 
-def write_json(path: Path, record: dict) -> None:
+def write_json(path: Path, record: dict, intact: str = "") -> None:
     """Written whole to a temp file then renamed: a crash never leaves a half-written record."""
-    with atomic_text(path) as file:
+    with atomic_text(path, intact) as file:
         file.write(json.dumps(record, indent=2) + "\n")
 
 
@@ -156,8 +157,7 @@ class ResultsWriter:
                 raise
         self.record["epochs_completed"] = row["epoch"]
         self.record["final_row"] = row
-        with writing(self.json_path, intact):
-            write_json(self.json_path, self.record)
+        write_json(self.json_path, self.record, intact)
 
     def close(self) -> None:
         self.file.close()

@@ -458,6 +458,23 @@ def test_a_row_that_fails_half_way_is_cut_off_again(tmp_path, monkeypatch):
     assert csv_path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_failed_record_says_what_is_intact(tmp_path, monkeypatch):
+    import results
+    from config import Config
+
+    csv_path = tmp_path / "rows.csv"
+    writer = results.ResultsWriter(Config(csv=str(csv_path)), {}, [])
+
+    def full(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results.os, "replace", full)
+    with pytest.raises(results.OutputError, match=r"cannot write .*rows\.json \(disk full\); the rest is safe$"):
+        writer.append({column: 1 for column in CSV_COLUMNS}, intact="; the rest is safe")
+    writer.close()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Found by fault injection
 
