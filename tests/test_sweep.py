@@ -53,8 +53,12 @@ def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_la
         time.sleep(0.05)
     os.killpg(launcher.pid, signal.SIGKILL)  # the launcher, its submitit job and the main.py under it
     launcher.wait()
+    # wait() covers the launcher only: the main.py under it dies (and the kernel lets go of its lock) a
+    # moment later, so the status may say "running" until then.
+    deadline = time.monotonic() + 30
+    while (states := _status(out, capsys))[JOBS[1]].startswith("running") and time.monotonic() < deadline:
+        time.sleep(0.05)
     finished = {path: path.read_bytes() for path in first.iterdir() if path.suffix in (".csv", ".pt", ".json")}
-    states = _status(out, capsys)
     assert states[JOBS[0]] == "done" and states[JOBS[1]].startswith(("failed", "not started")), states
 
     again = subprocess.run(_launch(digits_root, out, epochs=3), capture_output=True, text=True, timeout=600, cwd=tmp_path)
