@@ -5,6 +5,9 @@
     python benchmark.py --full-epoch            # one real-size epoch (73,257 / 60,000 train images)
                                                 #   with its evaluation (26,032 / 10,000 test images)
     python benchmark.py --sweep --out runs/speed.jsonl   # every variant, one subprocess each, a table
+    python benchmark.py --seeds 5               # 5 seeds side by side (--parallel-seeds): per round and per seed
+    python benchmark.py --seeds 8 --network lenet   # the MNIST <-> USPS network
+    python benchmark.py --profile               # where an iteration's time goes: kernels by group, a trace
 
 Iterations are the exact training code (iteration.TrainStep: on-device batch gather, steps A, B, C, the
 optimisers). Warm-up (cuDNN autotuning, compilation) and CUDA-graph capture are timed apart and
@@ -21,38 +24,47 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from datasets import Digits, DigitsSplit
 from algorithms import ALGORITHMS, METHODS
-from config import PRECISIONS, Config, configure_backends, device_name, speed_label
-from iteration import TrainStep
+from config import PRECISIONS, Config, configure_backends, device_name, speed_label, synchronize
+from iteration import Lane, SeedRandomness, TrainStep
 from main import SWITCH, HelpFormatter, _batch_size, _positive_int, resolve_device, resolve_speed
 from train import batch_streams, evaluate_all, train_epoch
 
 # Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
 REAL_SIZES = {"source_train": 73_257, "source_test": 26_032, "target_train": 60_000, "target_test": 10_000}
+# --network: the pair whose network is timed, and its image shape.
+NETWORKS = {"svhn": ("svhn", "mnist", (3, 32, 32)), "lenet": ("mnist", "usps", (1, 28, 28))}
 
-# --sweep: (precision, cuda graph, compile, channels_last), slowest first.
+# --sweep: (precision, cuda graph, compile, channels_last, graph bookkeeping), slowest first; each change
+# to the default (bf16, graph, channels_last) is also timed alone.
 SWEEP_CUDA = (
-    ("fp32", "off", "off", "off"),
-    ("bf16", "off", "off", "off"),
-    ("fp32", "on", "off", "off"),
-    ("tf32", "on", "off", "off"),
-    ("bf16", "on", "off", "off"),
-    ("bf16", "on", "off", "on"),
-    ("bf16", "on", "on", "off"),
+    ("fp32", "off", "off", "off", "off"),
+    ("bf16", "off", "off", "off", "off"),
+    ("fp32", "on", "off", "off", "off"),
+    ("tf32", "on", "off", "off", "off"),
+    ("bf16", "on", "off", "off", "off"),
+    ("bf16", "on", "off", "on", "off"),
+    ("bf16", "on", "off", "on", "on"),
+    ("bf16", "on", "on", "off", "off"),
+    ("bf16", "on", "on", "on", "off"),
+    ("bf16", "on", "on", "on", "on"),
 )
-SWEEP_CPU = (("fp32", "off", "off", "off"), ("bf16", "off", "off", "off"))
+SWEEP_CPU = (("fp32", "off", "off", "off", "off"), ("bf16", "off", "off", "off", "off"))
 
 
-def synthetic_digits(sizes: dict[str, int], device: torch.device, seed: int = 0) -> Digits:
+def synthetic_digits(sizes: dict[str, int], device: torch.device, seed: int = 0,
+                     shape: tuple[int, int, int] = (3, 32, 32)) -> Digits:
     """Random uint8 images (never zeros: they can run faster than real data) and random labels."""
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def split(n: int) -> DigitsSplit:
-        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device, generator=generator)
+        images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, device=device, generator=generator)
         return DigitsSplit(images, torch.randint(0, 10, (n,), device=device, generator=generator))
 
     return Digits(**{name: split(n) for name, n in sizes.items()}, files=[])
@@ -82,41 +94,51 @@ class Timer:
             self.seconds = time.perf_counter() - self.start
 
 
-def _setup(config: Config, sizes: dict[str, int]):
+def _setup(config: Config, sizes: dict[str, int], seeds: int = 1) -> tuple[torch.device, Digits, list[Lane]]:
+    """Synthetic data and one Lane per seed (config.seed, config.seed + 1, ...), built as main.py builds
+    them: alone, a plain lane; several, side by side with their own generators and CUDA streams."""
     device = torch.device(config.device)
     configure_backends(config)
-    torch.manual_seed(config.seed)
-    data = synthetic_digits(sizes, device)
-    streams = batch_streams(data, config)
-    model = ALGORITHMS[config.method](config, device)
-    model.train_mode(True)
-    return device, data, streams, model, TrainStep(model, data.source_train, data.target_train)
+    data = synthetic_digits(sizes, device, shape=NETWORKS["svhn" if "svhn" in (config.source, config.target) else "lenet"][2])
+    lanes = []
+    for seed in range(config.seed, config.seed + seeds):
+        seeded = replace(config, seed=seed)
+        torch.manual_seed(seed)
+        model = ALGORITHMS[config.method](seeded, device)
+        model.train_mode(True)
+        lanes.append(Lane(TrainStep(model, data.source_train, data.target_train), batch_streams(data, seeded),
+                          SeedRandomness(device) if seeds > 1 else None))
+    return device, data, lanes
 
 
-def time_iterations(config: Config, iters: int, repeats: int, warmup: int) -> dict:
-    """ms per training iteration: `repeats` timed runs of `iters` iterations after `warmup` untimed ones."""
+def time_iterations(config: Config, iters: int, repeats: int, warmup: int, seeds: int = 1) -> dict:
+    """ms per training iteration: `repeats` timed runs of `iters` iterations after `warmup` untimed ones.
+    With several seeds an iteration is one of every seed (a round); per seed-iteration is that / seeds."""
     sizes = {name: 8 * config.batch_size for name in REAL_SIZES}  # a few batches: shapes are what count
-    device, data, streams, model, step = _setup(config, sizes)
+    device, data, lanes = _setup(config, sizes, seeds)
     with Timer(device) as setup:  # includes compilation and the graph capture
-        train_epoch(step, streams, max(warmup, TrainStep.WARMUP + 2), desc="warm-up")
+        train_epoch(lanes, max(warmup, TrainStep.WARMUP + 2), desc="warm-up")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = []
     for _ in range(repeats):
         with Timer(device) as timer:
-            losses = train_epoch(step, streams, iters, desc="timed")
+            losses = train_epoch(lanes, iters, desc="timed")
         ms.append(1000 * timer.seconds / iters)
     return {
+        "seeds": seeds,
         "ms_per_iter_median": statistics.median(ms),
         "ms_per_iter_min": min(ms),
         "ms_per_iter_max": max(ms),
         "ms_per_iter_all": ms,
-        "images_per_s": 2 * config.batch_size * 1000 / statistics.median(ms),  # source + target images
+        "ms_per_seed_iter_median": statistics.median(ms) / seeds,
+        "images_per_s": seeds * 2 * config.batch_size * 1000 / statistics.median(ms),  # source + target images
         "iters": iters,
         "repeats": repeats,
         "setup_s": setup.seconds,
-        "capture_s": step.capture_seconds,
-        "final_losses": losses,
+        "capture_s": sum(lane.step.capture_seconds for lane in lanes),
+        "final_losses": losses[0],  # the first seed's
+        **({"final_losses_per_seed": losses} if seeds > 1 else {}),
         **_memory(device),
     }
 
@@ -124,14 +146,14 @@ def time_iterations(config: Config, iters: int, repeats: int, warmup: int) -> di
 def time_full_epochs(config: Config, sizes: dict[str, int] = REAL_SIZES, epochs: int = 2) -> dict:
     """Whole epochs at the real dataset sizes, training and evaluation each timed; the first epoch
     includes warm-up, compilation and capture. The 50-epoch figure is epoch 1 + 49 later epochs."""
-    device, data, streams, model, step = _setup(config, sizes)
+    device, data, [lane] = _setup(config, sizes)
     iterations = min(sizes["source_train"], sizes["target_train"]) // config.batch_size
     train_s, eval_s = [], []
     for epoch in range(epochs):
         with Timer(device) as train_timer:
-            train_epoch(step, streams, iterations, desc=f"epoch {epoch + 1}")
+            train_epoch([lane], iterations, desc=f"epoch {epoch + 1}")
         with Timer(device) as eval_timer:
-            evaluate_all(model, data, config.eval_batch_size)
+            evaluate_all(lane.step.model, data, config.eval_batch_size)
         train_s.append(train_timer.seconds)
         eval_s.append(eval_timer.seconds)
     epoch_s = [t + e for t, e in zip(train_s, eval_s)]
@@ -143,9 +165,80 @@ def time_full_epochs(config: Config, sizes: dict[str, int] = REAL_SIZES, epochs:
         "epoch_s": epoch_s,
         "ms_per_iter_epoch_2": 1000 * train_s[-1] / iterations,
         "projected_50_epochs_s": epoch_s[0] + 49 * later,
-        "capture_s": step.capture_seconds,
+        "capture_s": lane.step.capture_seconds,
         **_memory(device),
     }
+
+
+# --profile: kernel (on a CPU: operator) names, lower-cased, to the groups of the table; first match wins.
+# cuDNN names its BatchNorm and softmax kernels too, so those groups come before the convolutions.
+KERNEL_GROUPS = (
+    ("optimiser", ("adam", "multi_tensor", "foreach")),
+    ("BatchNorm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw")),
+    ("pooling", ("pool",)),
+    ("losses", ("softmax", "nll", "cross_entropy", "log_sigmoid")),
+    ("convolutions", ("conv", "cudnn", "implicit_gemm", "dgrad", "wgrad", "fprop", "winograd")),
+    ("matrix products", ("gemm", "addmm", "matmul", "aten::mm", "bmm", "cutlass", "xmma", "linear")),
+    ("copies and gathers", ("copy", "memcpy", "memset", "index", "gather", "fill", "cat")),
+)
+
+
+def kernel_group(name: str) -> str:
+    """The table's group of a kernel or operator name; "elementwise, casts, other" when none matches."""
+    lowered = name.lower()
+    return next((group for group, parts in KERNEL_GROUPS if any(part in lowered for part in parts)), "elementwise, casts, other")
+
+
+def profile_iterations(config: Config, iters: int, warmup: int, trace: Path, top: int = 15) -> dict:
+    """torch.profiler over `iters` iterations after `warmup` (on CUDA: replays of the captured graph):
+    the device time of every kernel (on a CPU: every operator's own time), grouped, per iteration and as
+    a share of the total; the trace for chrome://tracing or Perfetto goes to `trace`."""
+    sizes = {name: 8 * config.batch_size for name in REAL_SIZES}
+    device, _, lanes = _setup(config, sizes)
+    train_epoch(lanes, max(warmup, TrainStep.WARMUP + 2), desc="warm-up")
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as profiler:
+        train_epoch(lanes, iters, desc="profiled")
+        synchronize(device)
+    wall_ms = 1000 * (time.perf_counter() - start) / iters
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(trace))
+    if cuda:  # kernels only: their device time is the GPU's work, nothing counted twice
+        events = [e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        times = {e.key: e.self_device_time_total for e in events}
+    else:  # each operator's own time (its children's excluded)
+        times = {e.key: e.self_cpu_time_total for e in profiler.key_averages() if e.self_cpu_time_total > 0}
+    total = sum(times.values()) or 1.0
+    groups: dict[str, float] = {}
+    for name, microseconds in times.items():
+        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + microseconds
+    per_iter = lambda microseconds: microseconds / 1000 / iters  # noqa: E731
+    return {
+        "profiled_iters": iters,
+        "wall_ms_per_iter_profiled": wall_ms,
+        "kernel_ms_per_iter": per_iter(total),
+        "groups": [{"group": g, "ms_per_iter": per_iter(t), "share": t / total}
+                   for g, t in sorted(groups.items(), key=lambda item: -item[1])],
+        "top": [{"name": n, "group": kernel_group(n), "ms_per_iter": per_iter(t), "share": t / total}
+                for n, t in sorted(times.items(), key=lambda item: -item[1])[:top]],
+        "trace": str(trace),
+    }
+
+
+def print_profile(result: dict) -> None:
+    kind = "kernel" if result["cuda"] else "operator"
+    print(f"{result['kernel_ms_per_iter']:.2f} ms of {kind} time per iteration"
+          + ("" if result["cuda"] else " (each operator's own CPU time)") + "; "
+          f"{result['wall_ms_per_iter_profiled']:.2f} ms wall per iteration under the profiler")
+    print("\n| group | ms / iteration | share |\n|---|---|---|")
+    for row in result["groups"]:
+        print(f"| {row['group']} | {row['ms_per_iter']:.3f} | {100 * row['share']:.1f} % |")
+    print(f"\n| top {kind} | group | ms / iteration | share |\n|---|---|---|---|")
+    for row in result["top"]:
+        print(f"| `{row['name'][:90]}` | {row['group']} | {row['ms_per_iter']:.3f} | {100 * row['share']:.1f} % |")
+    print(f"\ntrace: {result['trace']} (chrome://tracing or https://ui.perfetto.dev)")
 
 
 def _memory(device: torch.device) -> dict:
@@ -167,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda if available")
     add("--method", choices=METHODS, default="mcd")
+    add("--network", choices=NETWORKS, default="svhn",
+        help="svhn: the SVHN -> MNIST network (3x32x32); lenet: the MNIST <-> USPS one (1x28x28)")
+    add("--seeds", type=_positive_int, default=1, metavar="K",
+        help="time K seeds side by side in one process, as main.py --parallel-seeds K: ms per round of all K "
+             "and per seed-iteration")
     add("--batch-size", type=_batch_size, default=128, help="images per domain per iteration")
     add("--num-k", type=_positive_int, default=4, help="generator updates (step C) per iteration")
     add("--iters", type=_positive_int, default=None, help="timed iterations per repeat (default: 100 on CUDA, 3 on CPU)")
@@ -176,7 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cuda-graph", choices=SWITCH, default="auto", help="as main.py")
     add("--compile", choices=SWITCH, default="auto", help="as main.py")
     add("--channels-last", choices=SWITCH, default="auto", help="as main.py")
+    add("--graph-bookkeeping", choices=SWITCH, default="auto", help="as main.py")
     add("--full-epoch", action="store_true", help="time real-size epochs with evaluation instead")
+    add("--profile", action="store_true",
+        help="profile --iters iterations (default: 20 on CUDA, 2 on CPU) instead: device time by kernel group, a trace")
+    add("--trace", type=Path, default=Path("runs/profile/trace.json"), help="--profile: where the trace goes")
     add("--sweep", action="store_true", help="run every variant in its own process and print a table")
     add("--out", default=None, help="--sweep: also append each variant's JSON line to this file")
     add("--timeout", type=float, default=300, help="--sweep: seconds allowed per variant")
@@ -189,10 +291,11 @@ def sweep(args: argparse.Namespace, device: str) -> int:
     rows, common = [], ["--device", device, "--method", args.method, "--batch-size", str(args.batch_size),
                         "--num-k", str(args.num_k), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     common += ["--iters", str(args.iters)] if args.iters else []
-    for precision, graph, compiled, channels_last in variants:
+    common += ["--network", args.network, "--seeds", str(args.seeds)]
+    for precision, graph, compiled, channels_last, bookkeeping in variants:
         command = [sys.executable, __file__, *common, "--precision", precision, "--cuda-graph", graph,
-                   "--compile", compiled, "--channels-last", channels_last]
-        label = f"{precision}, graph {graph}, compile {compiled}, channels_last {channels_last}"
+                   "--compile", compiled, "--channels-last", channels_last, "--graph-bookkeeping", bookkeeping]
+        label = f"{precision}, graph {graph}, compile {compiled}, channels_last {channels_last}, bookkeeping {bookkeeping}"
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -208,7 +311,7 @@ def sweep(args: argparse.Namespace, device: str) -> int:
             with open(args.out, "a") as f:
                 f.write(json.dumps(result) + "\n")
         rows.append((label, result))
-    print("\n| precision, CUDA graph, compile, channels_last | ms/iter (median, min-max) | images/s | setup s | peak MiB |")
+    print("\n| precision, CUDA graph, compile, channels_last, bookkeeping in graph | ms/iter (median, min-max) | images/s | setup s | peak MiB |")
     print("|---|---|---|---|---|")
     for label, r in rows:
         if "error" in r:
@@ -224,17 +327,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = resolve_device(args.device, parser)
+    if sum((args.profile, args.full_epoch, args.sweep)) > 1:
+        parser.error("--profile, --full-epoch and --sweep are different measurements: choose one")
+    if args.full_epoch and (args.network, args.seeds) != ("svhn", 1):
+        parser.error("--full-epoch times one SVHN -> MNIST run at the real sizes: leave out --network and --seeds")
     if args.sweep:
         return sweep(args, device)
-    config = Config(method=args.method, batch_size=args.batch_size, num_k=args.num_k, device=device,
-                    **resolve_speed(args, device, parser))
+    source, target, _ = NETWORKS[args.network]
+    config = Config(method=args.method, batch_size=args.batch_size, num_k=args.num_k, device=device, source=source,
+                    target=target, **resolve_speed(args, device, parser))
     on_cuda = device.startswith("cuda")
-    header = {**environment(torch.device(device)), "method": config.method, "batch_size": config.batch_size,
-              "num_k": config.num_k, "precision": config.precision, "cuda_graph": config.cuda_graph,
-              "compile": config.compile, "channels_last": config.channels_last}
-    print(f"# {header['device']} | torch {header['torch']} | {config.method}, batch {config.batch_size} + "
-          f"{config.batch_size}, num_k {config.num_k} | {speed_label(config)}", flush=True)
-    if args.full_epoch:
+    header = {**environment(torch.device(device)), "method": config.method, "network": args.network,
+              "batch_size": config.batch_size, "num_k": config.num_k, "precision": config.precision,
+              "cuda_graph": config.cuda_graph, "compile": config.compile, "channels_last": config.channels_last,
+              "graph_bookkeeping": config.graph_bookkeeping}
+    print(f"# {header['device']} | torch {header['torch']} | {config.method}, {args.network} network, batch "
+          f"{config.batch_size} + {config.batch_size}, num_k {config.num_k} | {speed_label(config)}"
+          + (f" | {args.seeds} seeds side by side" if args.seeds > 1 else ""), flush=True)
+    if args.profile:
+        result = {**header, "mode": "profile", "cuda": on_cuda,
+                  **profile_iterations(config, args.iters or (20 if on_cuda else 2), args.warmup, args.trace)}
+        print_profile(result)
+    elif args.full_epoch:
         result = {**header, "mode": "full_epoch", **time_full_epochs(config)}
         for i, (t, e) in enumerate(zip(result["train_s"], result["eval_s"]), 1):
             print(f"epoch {i}: train {t:.2f} s + evaluation {e:.2f} s")
@@ -242,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
               f"50 epochs projected: {result['projected_50_epochs_s']:.0f} s")
     else:
         iters = args.iters or (100 if on_cuda else 3)
-        result = {**header, "mode": "iterations", **time_iterations(config, iters, args.repeats, args.warmup)}
+        result = {**header, "mode": "iterations", **time_iterations(config, iters, args.repeats, args.warmup, args.seeds)}
+        if args.seeds > 1:
+            print(f"{args.seeds} seeds: {result['ms_per_iter_median']:.2f} ms per round of all {args.seeds}, "
+                  f"{result['ms_per_seed_iter_median']:.2f} ms per seed-iteration")
         print(f"{result['ms_per_iter_median']:.2f} ms/iter (median of {args.repeats} x {iters}; "
               f"{result['ms_per_iter_min']:.2f}-{result['ms_per_iter_max']:.2f}) | {result['images_per_s']:,.0f} images/s | "
               f"warm-up {result['setup_s']:.1f} s (capture {result['capture_s']:.2f} s)"

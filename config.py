@@ -53,6 +53,8 @@ class Config:
     cuda_graph: bool = False  # capture the whole iteration once and replay it (CUDA only)
     compile: bool = False  # torch.compile the training forward passes of G, F1, F2
     channels_last: bool = False  # NHWC images and conv weights
+    graph_bookkeeping: bool = False  # the loss sums and the non-finite check inside the captured graph
+    parallel_seeds: int = 1  # --seeds: how many seeds train side by side in one process (each as if alone)
     # Run control.
     deterministic: bool = False  # deterministic algorithms only, cuDNN autotuning off: identical reruns
     resume: bool = False  # continue from the checkpoint beside csv
@@ -97,6 +99,7 @@ def speed_label(config: Config) -> str:
     flags += ["CUDA graph"] if config.cuda_graph else []
     flags += ["compiled"] if config.compile else []
     flags += ["channels_last"] if config.channels_last else []
+    flags += ["bookkeeping in the graph"] if config.graph_bookkeeping and config.cuda_graph else []
     return ", ".join(flags)
 
 

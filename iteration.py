@@ -5,18 +5,25 @@ config.cuda_graph it captures that whole iteration once and replays it. Reading 
 stalls it, so everything the loop shows or checks per iteration comes back without a wait: HostCopy
 (an asynchronous copy to pinned memory with an event), LiveLosses (running means for the progress
 bar) and NonFiniteWatch (the first iteration whose losses are NaN or infinite, kept on the device).
+
+Several seeds can train side by side in one process (--parallel-seeds): each is a Lane, with its own
+TrainStep, batch streams, random generators (SeedRandomness) and, on CUDA, its own stream, so that the
+lanes' kernels and graph replays overlap on the GPU while each seed stays exactly the run it is alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 from algorithms import SourceOnly
+from checkpoint import restore_rng, rng_state
 from config import synchronize
-from datasets import DigitsSplit
+from datasets import BatchStream, DigitsSplit
 
 
 class HostCopy:
@@ -27,11 +34,42 @@ class HostCopy:
             self.host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
             self.event: torch.cuda.Event | None = torch.cuda.Event()
             self.event.record()
-        else:
-            self.host, self.event = value.cpu(), None
+        else:  # a copy, not a view: the value goes on changing in place
+            self.host, self.event = value.detach().clone(), None
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
+
+
+class LossTally:
+    """An epoch's loss sums (in the order of update()'s dict) and its first non-finite iteration, kept on
+    the device and only ever updated in place: so the same few kernels can run after each iteration
+    (the default) or inside the captured CUDA graph (config.graph_bookkeeping), where they cost no
+    launches. reset() starts an epoch; one host read at its end gives the means."""
+
+    def __init__(self, device: torch.device):
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None  # (losses,), created by the first add()
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # iterations added this epoch
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # -1: none yet
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        stacked = torch.stack(list(losses.values()))
+        if self.sums is None:
+            self.names, self.sums = list(losses), torch.zeros_like(stacked)
+        self.sums += stacked
+        bad = ~torch.isfinite(stacked).all()
+        self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), self.count, self.first_bad))
+        self.count += 1
+
+    def reset(self) -> None:
+        if self.sums is not None:
+            self.sums.zero_()
+        self.count.zero_()
+        self.first_bad.fill_(-1)
+
+    def means(self, iterations: int) -> dict[str, float]:
+        return dict(zip(self.names, (self.sums / iterations).tolist()))
 
 
 class LiveLosses:
@@ -42,8 +80,8 @@ class LiveLosses:
         self.bar, self.every = bar, every
         self.pending: tuple[list[str], int, HostCopy] | None = None
 
-    def update(self, step: int, totals: dict[str, torch.Tensor]) -> None:
-        if self.bar.disable:  # no terminal, no bar: nothing to copy
+    def update(self, step: int, tally: LossTally) -> None:
+        if self.bar.disable or tally.sums is None:  # no terminal, no bar: nothing to copy
             return
         if self.pending is not None:
             names, count, copy = self.pending
@@ -51,7 +89,7 @@ class LiveLosses:
                 self.bar.set_postfix({n: f"{v / count:.4f}" for n, v in zip(names, copy.host.tolist())}, refresh=False)
                 self.pending = None
         if step % self.every == 0 and self.pending is None:
-            self.pending = (list(totals), step + 1, HostCopy(torch.stack(list(totals.values()))))
+            self.pending = (tally.names, step + 1, HostCopy(tally.sums))
 
 
 class NonFiniteLoss(Exception):
@@ -73,30 +111,28 @@ def check_finite_weights(model: SourceOnly) -> None:
 
 
 class NonFiniteWatch:
-    """Finds the first iteration whose losses are not finite without a host sync per step: its index is
-    kept on the device and read every `every` steps through an asynchronous copy (every step on a CPU,
-    where reading costs nothing), and once more, synchronously, at the end of the epoch."""
+    """Stops at the first iteration whose losses are not finite (a LossTally's first_bad) without a host
+    sync per step: on CUDA the index is read every `every` steps through an asynchronous copy, and once
+    more, synchronously, at the end of the epoch; on a CPU, where reading costs nothing, every step."""
 
-    def __init__(self, device: torch.device, every: int = 25):
-        self.device = device
-        self.every = every if device.type == "cuda" else 1
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    def __init__(self, tally: LossTally, every: int = 25):
+        self.tally = tally
+        self.cuda = tally.first_bad.device.type == "cuda"
+        self.every = every if self.cuda else 1
         self.pending: HostCopy | None = None
 
-    def update(self, step: int, losses: dict[str, torch.Tensor]) -> None:
-        bad = ~torch.isfinite(torch.stack(list(losses.values()))).all()
-        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
-        if self.device.type != "cuda":
-            self._raise_if_bad(int(self.first_bad))
+    def update(self, step: int) -> None:
+        if not self.cuda:
+            self._raise_if_bad(int(self.tally.first_bad))
             return
         if self.pending is not None and self.pending.ready():
             self._raise_if_bad(int(self.pending.host))
             self.pending = None
         if step % self.every == 0 and self.pending is None:
-            self.pending = HostCopy(self.first_bad)
+            self.pending = HostCopy(self.tally.first_bad)
 
     def finish(self) -> None:
-        self._raise_if_bad(int(self.first_bad))
+        self._raise_if_bad(int(self.tally.first_bad))
 
     @staticmethod
     def _raise_if_bad(first_bad: int) -> None:
@@ -118,6 +154,9 @@ class TrainStep:
 
     def __init__(self, model: SourceOnly, source: DigitsSplit, target: DigitsSplit):
         self.model, self.source, self.target = model, source, target
+        self.tally = LossTally(model.device)
+        # With graph_bookkeeping the tally is updated inside iteration(), so inside the captured graph.
+        self.tally_inside = model.config.graph_bookkeeping
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_seconds = 0.0
@@ -128,9 +167,19 @@ class TrainStep:
         xs = self.model.inputs(self.source.images[s])  # (B, 3, 32, 32) in [-1, 1]
         ys = self.source.labels[s]
         xt = self.model.inputs(self.target.images[t])  # target labels are never used
-        return self.model.update(xs, ys, xt)
+        losses = self.model.update(xs, ys, xt)
+        if self.tally_inside:
+            self.tally.add(losses)
+        return losses
 
     def __call__(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One iteration; its losses are returned and added to self.tally."""
+        losses = self._step(s, t)
+        if not self.tally_inside:
+            self.tally.add(losses)
+        return losses
+
+    def _step(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         self.calls += 1
         if not self.model.config.cuda_graph:
             return self.iteration(s, t)
@@ -158,3 +207,70 @@ class TrainStep:
         self.graph = graph
         synchronize(self.model.device)
         self.capture_seconds = time.perf_counter() - start
+
+
+class SeedRandomness:
+    """One seed's random generators while several seeds share a process. Created right after the seed's
+    model is initialised (or restored), it takes the process's generators as they are then; inside
+    active() they are this seed's again, and on leaving, where they got to is kept for next time. So
+    every dropout mask and SWD direction of a seed is drawn from its own sequence, in the order it
+    would be drawn alone, whatever the other seeds do in between.
+
+    On CUDA the seed gets its own Philox state object (Generator.clone_state) which the default
+    generator points to inside active() (graphsafe_set_state): a CUDA graph captured there registers
+    that state, so every replay advances this seed's offset only, even with other seeds' graphs
+    replaying concurrently on other streams."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda_state: torch.Generator | None = None
+        if device.type == "cuda":
+            self.cuda_state = self._cuda_generator().clone_state()
+        self.state = rng_state(device)
+
+    def _cuda_generator(self) -> torch.Generator:
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        previous = None
+        if self.cuda_state is not None:
+            generator = self._cuda_generator()
+            previous = generator.graphsafe_get_state()
+            generator.graphsafe_set_state(self.cuda_state)
+        restore_rng(self.state, self.device)
+        try:
+            yield
+        finally:
+            self.state = rng_state(self.device)
+            if previous is not None:
+                self._cuda_generator().graphsafe_set_state(previous)
+
+
+class Lane:
+    """One seed's training iteration among several in a process: its TrainStep and two batch streams,
+    and, when it shares the process (`randomness` given), its random generators and a CUDA stream of
+    its own. Everything a lane's iteration touches (the step, the loss sums, the checks) runs inside
+    active(); alone, active() changes nothing, so a single run is exactly what it always was."""
+
+    def __init__(self, step: TrainStep, streams: tuple[BatchStream, BatchStream], randomness: SeedRandomness | None = None):
+        self.step, self.streams, self.randomness = step, streams, randomness
+        device = step.model.device
+        self.cuda_stream = torch.cuda.Stream(device) if randomness is not None and device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            if self.randomness is not None:
+                stack.enter_context(self.randomness.active())
+            if self.cuda_stream is not None:
+                # after whatever the process queued before (evaluation reads the weights this lane updates)
+                self.cuda_stream.wait_stream(torch.cuda.current_stream(self.step.model.device))
+                stack.enter_context(torch.cuda.stream(self.cuda_stream))
+            yield
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        """One iteration on the lane's next source and target batches; call it inside active()."""
+        source, target = self.streams
+        return self.step(source.next(), target.next())  # (B,) index tensors on the device

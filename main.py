@@ -29,6 +29,7 @@ SWITCH = ("auto", "on", "off")
 # What 'auto' means on CUDA, from the measurements in the README's Speed section.
 AUTO_COMPILE_ON_CUDA = False
 AUTO_CHANNELS_LAST_ON_CUDA = True
+AUTO_GRAPH_BOOKKEEPING_ON_CUDA = False  # not yet timed on a GPU (README 'Speed')
 
 
 def _auto(on_cuda: bool) -> str:
@@ -175,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"torch.compile the training forward passes (auto: {_auto(AUTO_COMPILE_ON_CUDA)})")
     speed.add_argument("--channels-last", choices=SWITCH, default="auto",
                        help=f"NHWC images and convolution weights (auto: {_auto(AUTO_CHANNELS_LAST_ON_CUDA)})")
+    speed.add_argument("--graph-bookkeeping", choices=SWITCH, default="auto",
+                       help="the per-iteration loss sums and non-finite check inside the captured CUDA graph instead "
+                            f"of a few kernels after each replay (auto: {_auto(AUTO_GRAPH_BOOKKEEPING_ON_CUDA)})")
+    speed.add_argument("--parallel-seeds", type=_positive_int, default=None, metavar="K",
+                       help="with --seeds: train K seeds side by side in one process, each exactly the run it is alone "
+                            "(default: all of them on CUDA, 1 on CPU and MPS)")
     return parser
 
 
@@ -195,11 +202,15 @@ def resolve_speed(args: argparse.Namespace, device: str, parser: argparse.Argume
     if args.cuda_graph == "on" and not cuda:
         parser.error(f"--cuda-graph on needs a CUDA device, not {device}; use --cuda-graph off or auto")
     pick = lambda switch, auto: auto if switch == "auto" else switch == "on"  # noqa: E731
+    cuda_graph = pick(args.cuda_graph, cuda)
+    if args.graph_bookkeeping == "on" and not cuda_graph:
+        parser.error("--graph-bookkeeping on puts the loss sums inside the CUDA graph: it needs --cuda-graph on (and CUDA)")
     return {
         "precision": ("bf16" if cuda else "fp32") if args.precision == "auto" else args.precision,
-        "cuda_graph": pick(args.cuda_graph, cuda),
+        "cuda_graph": cuda_graph,
         "compile": pick(args.compile, cuda and AUTO_COMPILE_ON_CUDA),
         "channels_last": pick(args.channels_last, cuda and AUTO_CHANNELS_LAST_ON_CUDA),
+        "graph_bookkeeping": pick(args.graph_bookkeeping, cuda_graph and AUTO_GRAPH_BOOKKEEPING_ON_CUDA),
     }
 
 
@@ -213,6 +224,10 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> C
         return given if given is not None else protocol.get(name, default)
 
     speed = resolve_speed(args, device, parser)
+    if args.parallel_seeds is not None and not args.seeds:
+        parser.error("--parallel-seeds needs --seeds (it says how many of them train side by side)")
+    seed_count = len({seed for group in args.seeds for seed in group}) if args.seeds else 1
+    parallel_seeds = args.parallel_seeds or (seed_count if device.startswith("cuda") else 1)
     if args.precision == "auto":
         speed["precision"] = protocol.get("precision", speed["precision"])
     return Config(
@@ -238,6 +253,7 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> C
         csv=args.csv,
         eval_batch_size=args.eval_batch_size,
         **speed,
+        parallel_seeds=min(parallel_seeds, seed_count),
         deterministic=args.deterministic,
         resume=args.resume,
         overwrite=args.overwrite,

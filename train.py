@@ -1,12 +1,14 @@
 """Runs the MCD three-step loop: train(config) for one run, run_seeds for several, evaluate_checkpoint.
 
-    train(config)
-      check_output, load data, build the algorithm (algorithms.py), restore a checkpoint on --resume
+    train_together(configs)            one run, or several seeds side by side (--parallel-seeds)
+      check_output, lock, Run per config: load data, build the algorithm (algorithms.py), restore a
+      checkpoint on --resume
       for each epoch:
-        train_epoch: `iterations` times  TrainStep (iteration.py) -> algorithm.update(xs, ys, xt)
-                                           = step_a, step_b, step_c (MCD) or step_a alone (source only)
-        evaluate_all: source test (ensemble) and target test (F1, F2, ensemble)
-        CheckpointWriter: the epoch's checkpoint, then its CSV row (run_control.py, results.py)
+        train_epoch: `iterations` times, for each run's Lane (iteration.py):
+                       TrainStep -> algorithm.update(xs, ys, xt) = step_a, step_b, step_c (MCD)
+                                                                   or step_a alone (source only)
+        Run.end_epoch: evaluate_all (source test ensemble; target test F1, F2, ensemble), then
+                       CheckpointWriter: the epoch's checkpoint, then its CSV row (run_control.py, results.py)
       the target test confusion matrix as a PNG (figures.py)
 
 What is computed lives in algorithms.py, how fast in iteration.py, the files in results.py and
@@ -19,6 +21,7 @@ import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -28,7 +31,7 @@ from checkpoint import checkpoint_path, load_checkpoint
 from config import Config, configure_backends, device_name, seed_everything, speed_label, synchronize
 from datasets import BatchStream, Digits, DigitsSplit, load_digits
 from figures import picture_path, save_confusion
-from iteration import LiveLosses, NonFiniteLoss, NonFiniteWatch, TrainStep, check_finite_weights
+from iteration import Lane, LiveLosses, NonFiniteLoss, NonFiniteWatch, SeedRandomness, TrainStep, check_finite_weights
 from results import (
     OutputError,
     ResultsWriter,
@@ -67,27 +70,41 @@ def batch_streams(data: Digits, config: Config) -> tuple[BatchStream, BatchStrea
     )
 
 
-def train_epoch(
-    step: TrainStep, streams: tuple[BatchStream, BatchStream], iterations: int, desc: str
-) -> dict[str, float]:
-    """`iterations` training steps; returns each loss averaged over the epoch (one host read, at the end)."""
-    source_stream, target_stream = streams
-    totals: dict[str, torch.Tensor] = {}
+def train_epoch(lanes: list[Lane], iterations: int, desc: str) -> list[dict[str, float]]:
+    """`iterations` training steps of every lane, the lanes taking turns each iteration (on CUDA their
+    work overlaps); returns each lane's losses averaged over the epoch (one host read, at the end)."""
+    for lane in lanes:
+        with lane.active():
+            lane.step.tally.reset()
+    watches = [NonFiniteWatch(lane.step.tally) for lane in lanes]
     bar = tqdm(range(iterations), desc=desc, leave=False, dynamic_ncols=True, disable=None)
-    live = LiveLosses(bar)
-    watch = NonFiniteWatch(step.model.device)
+    live = LiveLosses(bar) if len(lanes) == 1 else None  # one bar cannot show several seeds' losses
+    means: list[dict[str, float]] = []
     try:
         for i in bar:
-            losses = step(source_stream.next(), target_stream.next())  # (B,) index tensors on the device
-            for name, value in losses.items():
-                totals[name] = totals[name] + value if name in totals else value.clone()
-            watch.update(i, losses)
-            live.update(i, totals)
-        watch.finish()
+            for index, (lane, watch) in enumerate(zip(lanes, watches)):
+                with lane.active(), _naming_lane(index):
+                    lane()
+                    watch.update(i)
+            if live is not None:
+                live.update(i, lanes[0].step.tally)
+        for index, (lane, watch) in enumerate(zip(lanes, watches)):
+            with lane.active(), _naming_lane(index):
+                watch.finish()
+                means.append(lane.step.tally.means(iterations))
     finally:
         bar.close()
-    means = torch.stack(list(totals.values())) / iterations
-    return dict(zip(totals, means.tolist()))
+    return means
+
+
+@contextlib.contextmanager
+def _naming_lane(index: int) -> Iterator[None]:
+    """A NonFiniteLoss raised inside says which lane (run) it came from."""
+    try:
+        yield
+    except NonFiniteLoss as error:
+        error.lane = index
+        raise
 
 
 def evaluate_all(model: SourceOnly, data: Digits, chunk_size: int) -> dict[str, float]:
@@ -109,116 +126,187 @@ def save_target_confusion(model: SourceOnly, split: DigitsSplit, out: Path, titl
         save_confusion(predicted, split.labels.cpu().numpy(), out, title)
 
 
+class Run:
+    """One run (one seed) in progress: its data, algorithm, Lane, rows and checkpoint writer. `rows` is
+    the caller's list (the checkpoint's rows on --resume) and grows by one row per epoch. `shared_data`
+    lends datasets already loaded by another run of the same data; `together` gives the run its own
+    random generators and CUDA stream (iteration.Lane) to train beside others."""
+
+    def __init__(self, config: Config, checkpoint: dict | None, rows: list[dict], shared_data: dict, together: bool):
+        self.config, self.rows = config, rows
+        self.saved_path = checkpoint_path(Path(config.csv))
+        self.device = torch.device(config.device)
+        configure_backends(config)
+        seed_everything(config.seed)  # model init and dropout masks, on every device
+        # The subsets of --small-subsets are drawn per seed; whole datasets are the same for every seed.
+        key = config.seed if config.small_subsets else None
+        if key not in shared_data:
+            shared_data[key] = load_digits(config.data_root, config.download, config.allow_unverified_data, self.device,
+                                           config.source, config.target, config.small_subsets, subset_seed=config.seed)
+        self.data = data = shared_data[key]
+        streams = batch_streams(data, config)
+        self.iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
+        self.model = ALGORITHMS[config.method](config, self.device)
+        self.model.train_mode(True)
+        self.resumed_at: list[int] = []
+        if checkpoint is not None:
+            restore_run(checkpoint, self.model, streams, data.files, self.saved_path)
+            self.resumed_at = checkpoint["resumed_at"] + [checkpoint["epoch"]]
+        else:
+            self.saved_path.unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
+        # Alone, the process's generators are the run's; together, the run keeps its own from here on.
+        self.lane = Lane(TrainStep(self.model, data.source_train, data.target_train), streams,
+                         SeedRandomness(self.device) if together else None)
+        record = run_record(config, data.files, self.device, self.iterations)
+        record["resumed_at_epochs"] = self.resumed_at
+        self.checkpoints = CheckpointWriter(self.saved_path, ResultsWriter(config, record, rows))
+        self.seconds = rows[-1]["seconds"] if rows else 0.0
+        self.prefix = f"seed {config.seed}: " if together else ""
+        print(
+            f"{self.prefix}{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training "
+            f"images, {config.epochs} epochs x {self.iterations} iterations on {device_name(self.device)} "
+            f"({speed_label(config)})" + (f"; resuming after epoch {self.epoch}" if rows else "")
+        )
+        if rows and self.epoch == config.epochs:
+            print(f"{config.csv} already holds all {config.epochs} epochs; raise --epochs to train further")
+
+    @property
+    def epoch(self) -> int:
+        """Epochs finished (and saved, or being saved)."""
+        return self.rows[-1]["epoch"] if self.rows else 0
+
+    def end_epoch(self, losses: dict[str, float], seconds: float) -> None:
+        """After an epoch's training (`seconds` of it): check the weights, evaluate, then save the
+        checkpoint and its CSV row in the background (the two always agree)."""
+        check_finite_weights(self.model)
+        self.seconds += seconds  # training time only; evaluation is not counted
+        row = {
+            "epoch": self.epoch + 1,
+            "iterations": (self.epoch + 1) * self.iterations,
+            "seconds": self.seconds,
+            "loss_source": losses["loss_source"],
+            "discrepancy_b": losses.get("discrepancy_b"),
+            "discrepancy_c": losses.get("discrepancy_c"),
+            **evaluate_all(self.model, self.data, self.config.eval_batch_size),
+        }
+        streams = self.lane.streams
+        payload = checkpoint_payload(self.config, self.model, streams, self.data.files, self.rows + [row], self.resumed_at)
+        self.checkpoints.submit(payload, row)
+        self.rows.append(row)
+        print(self.prefix + summary_line(row, self.config.epochs))
+
+    def save_confusion(self) -> None:
+        save_target_confusion(self.model, self.data.target_test, picture_path(self.saved_path, "confusion"),
+                              f"{self.config.method}, target test, ensemble", self.config.eval_batch_size)
+
+
 def train(config: Config) -> dict[str, float | int | None]:
     """Train as configured, writing a checkpoint and then a CSV row after every epoch; returns the last
     row (the result). Raises OutputError / ResumeError / DataError before anything is written,
     Interrupted on SIGINT/SIGTERM and NonFiniteLoss, both keeping the last checkpoint and CSV intact.
     The output's lock and the signal handlers are held until every write has finished."""
-    check_output(config)
-    with run_lock(Path(config.csv)), SignalGuard():
-        saved_path = checkpoint_path(Path(config.csv))
-        checkpoint = load_checkpoint(saved_path) if config.resume else None
-        if checkpoint is not None:
-            check_resumable(checkpoint, config, saved_path)
-        rows: list[dict] = list(checkpoint["rows"]) if checkpoint is not None else []  # grows epoch by epoch
+    return train_together([config])[0]
+
+
+def train_together(configs: list[Config]) -> list[dict[str, float | int | None]]:
+    """train() for several runs (seeds) at once, in one process and on one device: every iteration each
+    run takes its turn, each with its own generators and CUDA stream, so each is the run it would be
+    alone (same CSV, checkpoint, --resume) while the GPU overlaps their work. Returns each last row.
+    An error or a signal stops all of them; Interrupted / NonFiniteLoss name the first unfinished run."""
+    for config in configs:
+        check_output(config)
+    with contextlib.ExitStack() as stack:
+        for config in configs:
+            stack.enter_context(run_lock(Path(config.csv)))
+        stack.enter_context(SignalGuard())
+        started: list[tuple[Config, dict | None, list[dict]]] = []
+        for config in configs:
+            saved_path = checkpoint_path(Path(config.csv))
+            checkpoint = load_checkpoint(saved_path) if config.resume else None
+            if checkpoint is not None:
+                check_resumable(checkpoint, config, saved_path)
+            started.append((config, checkpoint, list(checkpoint["rows"]) if checkpoint is not None else []))
         try:
-            _train(config, checkpoint, rows)
-        except Interrupted as error:
-            error.epochs_saved = rows[-1]["epoch"] if rows else 0
+            _train_runs(started)
+        except Interrupted as error:  # the messages name the first unfinished run's files
+            config, _, rows = next((s for s in started if not s[2] or s[2][-1]["epoch"] < s[0].epochs), started[-1])
+            error.csv, error.epochs_saved = config.csv, rows[-1]["epoch"] if rows else 0
             raise
-        return rows[-1]
+        return [rows[-1] for _, _, rows in started]
 
 
-def _train(config: Config, checkpoint: dict | None, rows: list[dict]) -> None:
-    """Set up (data, model, restored state), then the epochs, appending each epoch's row to `rows`."""
-    csv_path = Path(config.csv)
-    saved_path = checkpoint_path(csv_path)
-    device = torch.device(config.device)
-    configure_backends(config)
-    seed_everything(config.seed)  # model init and dropout masks, on every device
-    data = load_digits(config.data_root, config.download, config.allow_unverified_data, device,
-                       config.source, config.target, config.small_subsets, subset_seed=config.seed)
-    streams = batch_streams(data, config)
-    iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
-    model = ALGORITHMS[config.method](config, device)
-    model.train_mode(True)
-    resumed_at: list[int] = []
-    if checkpoint is not None:
-        restore_run(checkpoint, model, streams, data.files, saved_path)
-        resumed_at = checkpoint["resumed_at"] + [checkpoint["epoch"]]
-    else:
-        saved_path.unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
-    step = TrainStep(model, data.source_train, data.target_train)
-
-    record = run_record(config, data.files, device, iterations)
-    record["resumed_at_epochs"] = resumed_at
-    checkpoints = CheckpointWriter(saved_path, ResultsWriter(config, record, rows))
-    print(
-        f"{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training images, "
-        f"{config.epochs} epochs x {iterations} iterations on {device_name(device)} ({speed_label(config)})"
-        + (f"; resuming after epoch {rows[-1]['epoch']}" if rows else "")
-    )
-    if rows and rows[-1]["epoch"] == config.epochs:
-        print(f"{csv_path} already holds all {config.epochs} epochs; raise --epochs to train further")
-    seconds = rows[-1]["seconds"] if rows else 0.0
-    epoch = rows[-1]["epoch"] if rows else 0
-    try:
-        for epoch in range(epoch + 1, config.epochs + 1):
+def _train_runs(started: list[tuple[Config, dict | None, list[dict]]]) -> None:
+    """Set up a Run per (config, checkpoint, rows), then the epochs until every run has all of its own."""
+    together = len(started) > 1
+    shared_data: dict = {}
+    with contextlib.ExitStack() as closing:  # every run's writer finishes its last write, whatever happens
+        runs = []
+        for config, checkpoint, rows in started:
+            runs.append(Run(config, checkpoint, rows, shared_data, together))
+            closing.callback(runs[-1].checkpoints.close)
+        device = runs[0].device
+        while unfinished := [run for run in runs if run.epoch < run.config.epochs]:
+            first = unfinished[0]
+            desc = f"epoch {first.epoch + 1}/{first.config.epochs}" + (f" ({len(unfinished)} seeds)" if together else "")
             start = time.perf_counter()
-            try:
-                losses = train_epoch(step, streams, iterations, desc=f"epoch {epoch}/{config.epochs}")
-                check_finite_weights(model)
-            except NonFiniteLoss as error:
-                error.epoch = epoch
-                raise
+            # Every run of a group has the same settings but its seed, so the same iterations per epoch.
+            losses = _checked(unfinished, lambda: train_epoch([run.lane for run in unfinished], first.iterations, desc))
             synchronize(device)
-            seconds += time.perf_counter() - start  # training time only; evaluation is not counted
-            row = {
-                "epoch": epoch,
-                "iterations": epoch * iterations,
-                "seconds": seconds,
-                "loss_source": losses["loss_source"],
-                "discrepancy_b": losses.get("discrepancy_b"),
-                "discrepancy_c": losses.get("discrepancy_c"),
-                **evaluate_all(model, data, config.eval_batch_size),
-            }
-            # Checkpoint first, then its row (in the background): the two always agree.
-            checkpoints.submit(checkpoint_payload(config, model, streams, data.files, rows + [row], resumed_at), row)
-            rows.append(row)
-            print(summary_line(row, config.epochs))
-    finally:
-        checkpoints.close()  # waits for the last write
-    save_target_confusion(model, data.target_test, picture_path(saved_path, "confusion"),
-                          f"{config.method}, target test, ensemble", config.eval_batch_size)
+            seconds = time.perf_counter() - start  # together: the epoch's wall time, shared by its runs
+            for run, run_losses in zip(unfinished, losses):
+                with run.lane.active():
+                    _checked([run], lambda: run.end_epoch(run_losses, seconds))
+    for run in runs:
+        run.save_confusion()
+
+
+Result = TypeVar("Result")
+
+
+def _checked(runs: list[Run], work: Callable[[], Result]) -> Result:
+    """work(), with a NonFiniteLoss saying which run (its files) and which epoch it happened in."""
+    try:
+        return work()
+    except NonFiniteLoss as error:
+        run = runs[getattr(error, "lane", 0)]
+        error.epoch, error.csv = run.epoch + 1, run.config.csv
+        raise
 
 
 def run_seeds(config: Config, seeds: list[int]) -> None:
-    """The same configuration once per seed, one after another, then the summary over seeds. Every
-    seed's output is checked and locked before the first one trains."""
+    """The same configuration once per seed, `config.parallel_seeds` of them at a time side by side,
+    then the summary over seeds. Every seed's output is checked and locked before the first one trains."""
     csv_path = Path(config.csv)
     configs = [replace(config, seed=seed, csv=str(seed_csv(csv_path, seed))) for seed in seeds]
     check_seed_outputs(config, configs)
     final_rows: dict[int, dict] = {}
-    current = configs[0]
     with contextlib.ExitStack() as locks, SignalGuard():
         for each in (config, *configs):  # the base name's lock covers the summary
             locks.enter_context(run_lock(Path(each.csv)))
         try:
-            for current in configs:
-                if current.resume and not checkpoint_path(Path(current.csv)).exists():
-                    # --resume of a multi-seed run: a seed that never finished an epoch starts afresh
-                    current = replace(current, resume=False, overwrite=True)
-                print(f"== seed {current.seed}: {current.csv}")
-                final_rows[current.seed] = train(current)
+            for first in range(0, len(configs), config.parallel_seeds):
+                group = [_fresh_unless_saved(each) for each in configs[first : first + config.parallel_seeds]]
+                for each in group:
+                    print(f"== seed {each.seed}: {each.csv}")
+                for each, row in zip(group, train_together(group)):
+                    final_rows[each.seed] = row
             summary = summarize(final_rows)
             write_summary(summary_path(csv_path), summary)
         except (Interrupted, NonFiniteLoss) as error:
-            error.csv = current.csv  # the messages name this seed's files
-            if isinstance(error, Interrupted) and current.seed in final_rows:  # between two seeds
-                error.epochs_saved = final_rows[current.seed]["epoch"]
+            if not hasattr(error, "csv"):  # between two groups: the last finished seed's files
+                last = max(final_rows, default=None)
+                error.csv = configs[0].csv if last is None else str(seed_csv(csv_path, last))
+                error.epochs_saved = final_rows[last]["epoch"] if last is not None else 0
             raise
     print(summary_table(summary))
     print(f"wrote {summary_path(csv_path)}")
+
+
+def _fresh_unless_saved(config: Config) -> Config:
+    """--resume of a multi-seed run: a seed that never finished an epoch starts afresh."""
+    if config.resume and not checkpoint_path(Path(config.csv)).exists():
+        return replace(config, resume=False, overwrite=True)
+    return config
 
 
 def evaluate_checkpoint(path: Path, device: torch.device, data_root: str | None, download: bool,

@@ -18,7 +18,7 @@ import algorithms
 import train as train_module
 from checkpoint import RESULT_KEYS, load_checkpoint, save_checkpoint
 from conftest import make_digits_root
-from iteration import NonFiniteLoss, NonFiniteWatch
+from iteration import LossTally, NonFiniteLoss, NonFiniteWatch
 from results import CSV_COLUMNS
 from run_control import Interrupted, SignalGuard
 
@@ -253,11 +253,21 @@ def test_signal_guard_turns_signals_into_interrupted_and_restores_handlers():
 
 
 def test_watch_reports_the_first_non_finite_iteration():
-    watch = NonFiniteWatch(torch.device("cpu"))
-    watch.update(0, {"a": torch.tensor(1.0), "b": torch.tensor(2.0)})
+    tally = LossTally(torch.device("cpu"))
+    watch = NonFiniteWatch(tally)
+    tally.add({"a": torch.tensor(1.0), "b": torch.tensor(2.0)})
+    watch.update(0)
+    tally.add({"a": torch.tensor(float("nan")), "b": torch.tensor(2.0)})
     with pytest.raises(NonFiniteLoss) as error:
-        watch.update(1, {"a": torch.tensor(float("nan")), "b": torch.tensor(2.0)})
+        watch.update(1)
     assert error.value.iteration == 2  # 1-based, as printed
+    tally.add({"a": torch.tensor(float("inf")), "b": torch.tensor(2.0)})
+    assert int(tally.first_bad) == 1  # the first one stays
+    tally.reset()
+    tally.add({"a": torch.tensor(3.0), "b": torch.tensor(-1.0)})
+    tally.add({"a": torch.tensor(4.0), "b": torch.tensor(-2.0)})
+    watch.finish()  # a new epoch, all finite
+    assert tally.means(2) == {"a": 3.5, "b": -1.5}
 
 
 def test_a_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_epoch(digits_root, tmp_path, monkeypatch, capsys):

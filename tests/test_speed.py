@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -64,11 +65,22 @@ def _speed(argv: list[str], device: str) -> dict:
 
 
 def test_auto_picks_the_fast_path_on_cuda_and_exact_fp32_elsewhere():
-    assert _speed([], "cpu") == {"precision": "fp32", "cuda_graph": False, "compile": False, "channels_last": False}
+    assert _speed([], "cpu") == {"precision": "fp32", "cuda_graph": False, "compile": False, "channels_last": False,
+                                 "graph_bookkeeping": False}
     cuda = _speed([], "cuda")
-    assert cuda == {"precision": "bf16", "cuda_graph": True, "compile": False, "channels_last": True}
+    assert cuda == {"precision": "bf16", "cuda_graph": True, "compile": False, "channels_last": True,
+                    "graph_bookkeeping": False}
+    assert _speed(["--graph-bookkeeping", "on"], "cuda")["graph_bookkeeping"] is True
     assert _speed(["--precision", "fp32", "--cuda-graph", "off"], "cuda")["precision"] == "fp32"
     assert _speed(["--compile", "on", "--channels-last", "on"], "cpu")["compile"] is True
+
+
+def test_graph_bookkeeping_needs_the_cuda_graph(capsys):
+    with pytest.raises(SystemExit):
+        _speed(["--graph-bookkeeping", "on"], "cpu")
+    assert "--graph-bookkeeping on" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _speed(["--graph-bookkeeping", "on", "--cuda-graph", "off"], "cuda")
 
 
 def test_cuda_graph_on_a_cpu_is_a_clear_error(capsys):
@@ -144,14 +156,14 @@ def test_benchmark_prints_a_table_line_and_one_json_line():
 
 
 def test_benchmark_sweep_runs_each_variant_in_its_own_process(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(benchmark, "SWEEP_CPU", (("fp32", "off", "off", "off"), ("fp32", "on", "off", "off")))
+    monkeypatch.setattr(benchmark, "SWEEP_CPU", (("fp32", "off", "off", "off", "off"), ("fp32", "on", "off", "off", "off")))
     out = tmp_path / "speed.jsonl"
     args = benchmark.build_parser().parse_args(
         ["--sweep", "--device", "cpu", "--method", "source_only", "--batch-size", "8", "--iters", "1",
          "--repeats", "1", "--warmup", "1", "--out", str(out)])
     assert benchmark.sweep(args, "cpu") == 1  # the second variant cannot run on a CPU...
     table = capsys.readouterr().out
-    assert "| fp32, graph off, compile off, channels_last off |" in table
+    assert "| fp32, graph off, compile off, channels_last off, bookkeeping off |" in table
     assert "needs a CUDA device" in table  # ...and says why, in its row, without stopping the sweep
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records[0]["ms_per_iter_median"] > 0 and "error" in records[1]
@@ -194,6 +206,20 @@ def test_cuda_graph_replays_the_same_training_steps(method, rel_later):
 
 
 @needs_cuda
+def test_cuda_graph_bookkeeping_gives_the_same_steps_and_sums():
+    # The tally inside the graph must see every replay: same per-step losses (same kernels, so to
+    # rounding), and sums and the step count equal to those added after each replay.
+    base = Config(batch_size=32, device="cuda", cuda_graph=True, precision="bf16", deterministic=True)
+    outside, _, step_out = _run_iterations(base, 8, batch_size=32)
+    inside, _, step_in = _run_iterations(replace(base, graph_bookkeeping=True), 8, batch_size=32)
+    _close(outside, inside, rel_first=1e-6, rel_later=1e-6)
+    assert int(step_in.tally.count) == int(step_out.tally.count) == 8 and int(step_in.tally.first_bad) == -1
+    assert torch.allclose(step_in.tally.sums, step_out.tally.sums, rtol=1e-6)
+    expected = torch.tensor([sum(h[name] for h in inside) for name in inside[0]], device="cuda")
+    assert torch.allclose(step_in.tally.sums, expected, rtol=1e-5)
+
+
+@needs_cuda
 def test_cuda_bf16_graph_follows_fp32():
     exact, _, _ = _run_iterations(Config(batch_size=64, device="cuda", cuda_graph=True), 6, batch_size=64)
     fast, _, _ = _run_iterations(Config(batch_size=64, device="cuda", cuda_graph=True, precision="bf16"), 6, batch_size=64)
@@ -219,3 +245,20 @@ def test_cuda_benchmark_uses_events_and_reports_memory():
     result = benchmark.time_iterations(config, iters=5, repeats=3, warmup=5)
     assert result["capture_s"] > 0 and result["peak_memory_mib"] > 0
     assert result["ms_per_iter_min"] > 0
+
+
+def test_profile_groups_the_iterations_time_and_writes_a_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    assert benchmark.main(["--device", "cpu", "--profile", "--network", "lenet", "--batch-size", "8", "--num-k", "1",
+                           "--iters", "2", "--warmup", "5", "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out.strip().splitlines()[-1])
+    groups = {row["group"]: row for row in record["groups"]}
+    assert {"convolutions", "matrix products", "optimiser", "BatchNorm"} <= set(groups)
+    assert sum(row["share"] for row in record["groups"]) == pytest.approx(1.0)
+    assert sum(row["ms_per_iter"] for row in record["groups"]) == pytest.approx(record["kernel_ms_per_iter"])
+    assert record["top"][0]["share"] >= record["top"][-1]["share"] and "| group | ms / iteration | share |" in out
+    assert json.loads(trace.read_text())["traceEvents"]  # a real trace, readable by chrome://tracing
+    assert benchmark.kernel_group("void cudnn::bn_fw_tr_1C11_kernel_NCHW") == "BatchNorm"
+    assert benchmark.kernel_group("sm90_xmma_gemm_bf16bf16_bf16f32") == "matrix products"
+    assert benchmark.kernel_group("void at::native::(anonymous)::multi_tensor_apply_kernel<FusedAdam>") == "optimiser"

@@ -7,7 +7,7 @@ import torch
 from datasets import BatchStream, DigitsSplit, load_digits, to_model_input
 from algorithms import MCD, SourceOnly, discrepancy, random_directions, sliced_wasserstein_discrepancy
 from config import Config
-from iteration import LiveLosses, TrainStep
+from iteration import Lane, LiveLosses, LossTally, TrainStep
 from train import train_epoch
 
 CPU = torch.device("cpu")
@@ -173,7 +173,7 @@ def test_source_only_learning_is_real(digits_root):
     model.train_mode(True)
     _, _, before = model.evaluate(data.source_test, 512)
     streams = (BatchStream(len(data.source_train), 32, CPU, 0), BatchStream(len(data.target_train), 32, CPU, 1))
-    losses = train_epoch(TrainStep(model, data.source_train, data.target_train), streams, iterations=30, desc="learning")
+    [losses] = train_epoch([Lane(TrainStep(model, data.source_train, data.target_train), streams)], iterations=30, desc="learning")
     _, _, after = model.evaluate(data.source_test, 512)
     assert before < 30  # chance is 10%
     assert after > 60, f"source accuracy {after:.1f}% after 30 iterations"
@@ -190,15 +190,18 @@ def test_live_losses_show_running_means_on_the_bar():
 
     bar = Bar()
     live = LiveLosses(bar, every=2)
-    totals = {"loss_source": torch.tensor(3.0)}
-    live.update(0, totals)  # step 0: copy the sum of 1 step
-    totals = {"loss_source": torch.tensor(5.0)}
-    live.update(1, totals)  # the copy has landed: show 3.0 / 1
+    tally = LossTally(CPU)
+    tally.add({"loss_source": torch.tensor(3.0)})
+    live.update(0, tally)  # step 0: copy the sum of 1 step
+    tally.add({"loss_source": torch.tensor(2.0)})
+    live.update(1, tally)  # the copy has landed: show 3.0 / 1
     assert bar.postfix == {"loss_source": "3.0000"}
-    live.update(2, {"loss_source": torch.tensor(9.0)})  # step 2: copy the sum of 3 steps
-    live.update(3, {"loss_source": torch.tensor(12.0)})
+    tally.add({"loss_source": torch.tensor(4.0)})
+    live.update(2, tally)  # step 2: copy the sum of 3 steps
+    tally.add({"loss_source": torch.tensor(100.0)})  # after the copy: not in it
+    live.update(3, tally)
     assert bar.postfix == {"loss_source": "3.0000"}  # 9 / 3
     bar.disable, bar.postfix = True, {}
-    live.update(4, totals)
-    live.update(5, totals)
+    live.update(4, tally)
+    live.update(5, tally)
     assert bar.postfix == {}

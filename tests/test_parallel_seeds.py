@@ -1,0 +1,107 @@
+"""--parallel-seeds: seeds trained side by side in one process are each exactly the run they are alone."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as main_module
+from checkpoint import load_checkpoint
+from config import Config
+from iteration import SeedRandomness
+
+LENET = ("--source", "mnist", "--target", "usps")  # the small network: dropout in both heads, fast on a CPU
+SEEDS = (1, 2, 3)
+LOSSES = ("loss_source", "discrepancy_b", "discrepancy_c")
+ACCURACIES = ("source_acc", "target_acc_f1", "target_acc_f2", "target_acc_ensemble")
+
+
+def _run(data_root: Path, csv_path: Path, *extra: str, epochs: int = 2) -> None:
+    args = ["--data-root", str(data_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
+            "--deterministic", "--epochs", str(epochs), "--iters-per-epoch", "3", "--batch-size", "8", "--num-k", "2",
+            "--seeds", "1-3", "--csv", str(csv_path), *LENET, *extra]
+    assert main_module.main(args) == 0
+
+
+def _rows(csv_path: Path, seed: int) -> list[dict[str, str]]:
+    with open(csv_path.with_name(f"{csv_path.stem}_seed{seed}.csv"), newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _assert_same_runs(one: Path, other: Path) -> None:
+    """The issue's bar (losses to 1e-4 relative, accuracies equal); on a CPU the match is in fact exact."""
+    for seed in SEEDS:
+        a, b = _rows(one, seed), _rows(other, seed)
+        assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["1", "2"]
+        for row_a, row_b in zip(a, b):
+            for column in LOSSES:
+                if row_a[column]:
+                    assert float(row_b[column]) == pytest.approx(float(row_a[column]), rel=1e-4), (seed, column)
+            assert [row_a[c] for c in ACCURACIES] == [row_b[c] for c in ACCURACIES], seed
+            assert {k: v for k, v in row_a.items() if k != "seconds"} == {k: v for k, v in row_b.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("method", ["mcd", "source_only"])
+def test_a_seed_trained_with_others_is_the_run_it_is_alone(digits_root, tmp_path, method):
+    alone, together = tmp_path / "alone.csv", tmp_path / "together.csv"
+    _run(digits_root, alone, "--method", method, "--parallel-seeds", "1")
+    _run(digits_root, together, "--method", method, "--parallel-seeds", "3")
+    _assert_same_runs(alone, together)
+    losses = {_rows(together, seed)[-1]["loss_source"] for seed in SEEDS}
+    assert len(losses) == 3  # three different runs, not one run written three times
+    for seed in SEEDS:  # each seed's own files: checkpoint, record, picture
+        checkpoint = load_checkpoint(together.with_name(f"together_seed{seed}.pt"))
+        assert checkpoint["config"]["seed"] == seed and checkpoint["config"]["parallel_seeds"] == 3
+        assert together.with_name(f"together_seed{seed}_confusion.png").stat().st_size > 0
+    assert together.with_name("together_summary.csv").exists()
+
+
+def test_seeds_together_resume_alone_or_together_and_draw_their_own_subsets(digits_root, tmp_path):
+    reference, resumed = tmp_path / "reference.csv", tmp_path / "resumed.csv"
+    _run(digits_root, reference, "--small-subsets", "--parallel-seeds", "1")
+    _run(digits_root, resumed, "--small-subsets", "--parallel-seeds", "2", epochs=1)  # seeds 1+2, then 3
+    _run(digits_root, resumed, "--small-subsets", "--parallel-seeds", "3", "--resume")  # all three together
+    _assert_same_runs(reference, resumed)
+    assert load_checkpoint(resumed.with_name("resumed_seed2.pt"))["resumed_at"] == [1]
+
+
+def test_parallel_seeds_is_refused_without_seeds_and_capped_by_them(capsys):
+    with pytest.raises(SystemExit):
+        main_module.main(["--parallel-seeds", "2", "--device", "cpu"])
+    assert "--parallel-seeds needs --seeds" in capsys.readouterr().err
+    parser = main_module.build_parser()
+    config = main_module.build_config(parser.parse_args(["--seeds", "1-3", "--parallel-seeds", "8", "--device", "cpu"]), parser)
+    assert config.parallel_seeds == 3
+    config = main_module.build_config(parser.parse_args(["--seeds", "1-3", "--device", "cpu"]), parser)
+    assert config.parallel_seeds == 1  # a CPU gains nothing from interleaving
+    assert Config().parallel_seeds == 1
+
+
+def test_seed_randomness_keeps_each_seeds_sequence_whatever_runs_in_between():
+    torch.manual_seed(5)
+    first = SeedRandomness(torch.device("cpu"))
+    torch.manual_seed(6)
+    second = SeedRandomness(torch.device("cpu"))
+    draws = []
+    for _ in range(3):
+        with first.active():
+            draws.append(torch.rand(4))
+        with second.active():
+            torch.rand(100)  # the other seed draws more, in between
+    torch.manual_seed(5)
+    assert torch.equal(torch.cat(draws), torch.rand(12))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fast", [[], ["--cuda-graph", "on", "--precision", "bf16"]], ids=["eager-fp32", "graph-bf16"])
+def test_cuda_seeds_on_their_own_streams_and_generators_are_the_runs_alone(digits_root, tmp_path, fast):
+    """On CUDA each seed has its own stream, and with graphs its own registered Philox state: the
+    concurrent replays must still give every seed exactly its own dropout masks."""
+    alone, together = tmp_path / "alone.csv", tmp_path / "together.csv"
+    cuda = ["--device", "cuda", "--precision", "fp32", "--cuda-graph", "off", *fast]
+    _run(digits_root, alone, *cuda, "--parallel-seeds", "1")
+    _run(digits_root, together, *cuda, "--parallel-seeds", "3")
+    _assert_same_runs(alone, together)
