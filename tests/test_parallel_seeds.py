@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,16 @@ def test_cuda_seeds_on_their_own_streams_and_generators_are_the_runs_alone(digit
     _run(digits_root, alone, *cuda, "--parallel-seeds", "1")
     _run(digits_root, together, *cuda, "--parallel-seeds", "3")
     _assert_same_runs(alone, together)
+
+
+def test_benchmark_times_seeds_side_by_side_per_round_and_per_seed(capsys):
+    import benchmark  # an entry point: imported here only, for this test
+
+    assert benchmark.main(["--device", "cpu", "--seeds", "2", "--network", "lenet", "--batch-size", "8", "--num-k", "1",
+                           "--iters", "1", "--repeats", "1", "--warmup", "5"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["seeds"] == 2 and record["network"] == "lenet" and "2 seeds side by side" in out
+    assert record["ms_per_seed_iter_median"] == pytest.approx(record["ms_per_iter_median"] / 2)
+    first, second = record["final_losses_per_seed"]
+    assert first == record["final_losses"] and first != second  # two seeds, two different runs
