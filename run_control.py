@@ -239,38 +239,64 @@ class SignalGuard:
         raise Interrupted(signum)
 
 
-def _to_cpu(value):
-    """A copy of a (nested) state on the CPU, detached from the live tensors that training keeps updating."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return value
+class HostStaging:
+    """The host copy of a checkpoint's state, in buffers allocated once and reused every epoch (same
+    layout as the live tensors). On CUDA the buffers are pinned and filled by asynchronous copies, queued
+    on the training stream before the next epoch's updates, so training goes on at once; the writer
+    waits for the copies' event before it reads them. Elsewhere the copies are plain and immediate."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def stage(self, payload: dict) -> tuple[dict, torch.cuda.Event | None]:
+        """(the payload with every tensor replaced by its host copy, the event that marks the copies done)."""
+        self.on_cuda = False
+        state = self._copy(payload, ())
+        event = None
+        if self.on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return state, event
+
+    def _copy(self, value, key: tuple):
+        if isinstance(value, torch.Tensor):
+            cuda = value.device.type == "cuda"
+            self.on_cuda |= cuda
+            buffer = self.buffers.get(key)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype or buffer.stride() != value.stride():
+                buffer = self.buffers[key] = torch.empty_like(value, device="cpu", pin_memory=cuda)
+            return buffer.copy_(value.detach(), non_blocking=cuda)
+        if isinstance(value, dict):
+            return {name: self._copy(item, (*key, name)) for name, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(item, (*key, index)) for index, item in enumerate(value))
+        return value
 
 
 class CheckpointWriter:
     """Writes each epoch's checkpoint and then its CSV row on one background thread, so training goes on
-    while ~440 MB reach the disk. The state is copied to the CPU first (on the calling thread, at the
-    epoch boundary); writes happen one at a time, in epoch order; close() waits for the last one, so an
-    interrupted run still finishes writing the epoch it had completed. Signals only ever reach the main
-    thread, never a write in progress."""
+    while ~440 MB reach the disk. The state is copied to the host first (HostStaging, at the epoch
+    boundary); writes happen one at a time, in epoch order, and the next copy waits for the previous
+    write, whose buffers it reuses; close() waits for the last one, so an interrupted run still finishes
+    writing the epoch it had completed. Signals only ever reach the main thread, never a write in progress."""
 
     def __init__(self, path: Path, results: ResultsWriter):
         self.path, self.results = path, results
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self.pending: Future | None = None
+        self.staging = HostStaging()
 
     def submit(self, payload: dict, row: dict) -> None:
         self.wait()
         intact = ("; the epochs before it are saved: free some space, then continue with --resume" if row["epoch"] > 1
                   else "; no epoch was saved yet: free some space, then start again with --overwrite")
         with writing(self.path, intact):  # the host copy can run out of memory
-            state = _to_cpu(payload)
-        self.pending = self.executor.submit(self._write, state, row, intact)
+            state, copied = self.staging.stage(payload)
+        self.pending = self.executor.submit(self._write, state, copied, row, intact)
 
-    def _write(self, payload: dict, row: dict, intact: str) -> None:
+    def _write(self, payload: dict, copied: torch.cuda.Event | None, row: dict, intact: str) -> None:
+        if copied is not None:
+            copied.synchronize()
         with writing(self.path, intact):
             save_checkpoint(self.path, payload)
         self.results.append(row, intact)

@@ -426,20 +426,49 @@ def _disk_full_at_epoch_2(monkeypatch) -> None:
     monkeypatch.setattr(torch, "save", save)
 
 
+def test_host_staging_copies_into_the_same_buffers_every_epoch():
+    from run_control import HostStaging
+
+    weight = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    payload = {"epoch": 1, "models": {"G": {"w": weight}}, "optimizers": [{"step": torch.tensor(3.0)}], "rows": [{"a": 1}]}
+    staging = HostStaging()
+    first, event = staging.stage(payload)
+    assert event is None  # nothing on a GPU: plain copies, done at once
+    assert torch.equal(first["models"]["G"]["w"], weight) and first["models"]["G"]["w"] is not weight
+    assert first["models"]["G"]["w"].stride() == weight.stride() and first["rows"] == [{"a": 1}]
+    pointer = first["models"]["G"]["w"].data_ptr()
+    weight.add_(1.0)  # training goes on: the staged copy keeps the epoch's values...
+    assert not torch.equal(first["models"]["G"]["w"], weight)
+    second, _ = staging.stage({**payload, "epoch": 2})
+    assert second["models"]["G"]["w"].data_ptr() == pointer and torch.equal(second["models"]["G"]["w"], weight)  # ...reused
+    assert second["epoch"] == 2 and second["optimizers"][0]["step"].item() == 3.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_staging_on_cuda_copies_asynchronously_into_pinned_buffers():
+    from run_control import HostStaging
+
+    weight = torch.randn(256, 1024, device="cuda")
+    staged, event = HostStaging().stage({"w": weight, "rng": torch.get_rng_state()})
+    weight.mul_(2.0)  # queued after the copy on the same stream: the copy still sees the old values
+    event.synchronize()
+    assert staged["w"].is_pinned() and torch.equal(staged["w"] * 2.0, weight.cpu())
+
+
 @pytest.mark.parametrize(("fault", "cause"), [("disk full", "disk full"), ("host memory", "out of memory")])
 def test_a_failed_checkpoint_is_one_line_and_keeps_epoch_1(digits_root, tmp_path, monkeypatch, capsys, fault, cause):
     if fault == "disk full":
         _disk_full_at_epoch_2(monkeypatch)
     else:
         import run_control
-        real_copy = run_control._to_cpu
+        real_stage = run_control.HostStaging.stage
 
-        def copy(payload):
-            if isinstance(payload, dict) and payload.get("epoch") == 2:  # the whole payload, not its parts
+        def stage(self, payload):
+            if payload["epoch"] == 2:
                 raise MemoryError()
-            return real_copy(payload)
+            return real_stage(self, payload)
 
-        monkeypatch.setattr(run_control, "_to_cpu", copy)
+        monkeypatch.setattr(run_control.HostStaging, "stage", stage)
     csv_path = tmp_path / "fault.csv"
     assert main_module.main(_args(digits_root, csv_path, *LENET, epochs=3)) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line and not line.startswith("warning:")]
