@@ -82,6 +82,11 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def seed_list(args: argparse.Namespace) -> list[int] | None:
+    """--seeds as one sorted list without repeats (its groups, e.g. '1-3 2 7', joined); None without it."""
+    return sorted({seed for group in args.seeds for seed in group}) if args.seeds else None
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -226,7 +231,7 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> C
     speed = resolve_speed(args, device, parser)
     if args.parallel_seeds is not None and not args.seeds:
         parser.error("--parallel-seeds needs --seeds (it says how many of them train side by side)")
-    seed_count = len({seed for group in args.seeds for seed in group}) if args.seeds else 1
+    seed_count = len(seed_list(args) or [args.seed])
     parallel_seeds = args.parallel_seeds or (seed_count if device.startswith("cuda") else 1)
     if args.precision == "auto":
         speed["precision"] = protocol.get("precision", speed["precision"])
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = build_config(args, parser)
     device = config.device
-    seeds = sorted({seed for group in args.seeds for seed in group}) if args.seeds else None
+    seeds = seed_list(args)
     try:
         if args.evaluate:
             evaluate_checkpoint(args.evaluate, torch.device(device), args.data_root, not args.no_download,

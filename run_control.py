@@ -246,7 +246,8 @@ class HostStaging:
     waits for the copies' event before it reads them. Elsewhere the copies are plain and immediate."""
 
     def __init__(self):
-        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.buffers: dict[tuple, torch.Tensor] = {}  # by the tensor's place in the payload
+        self.on_cuda = False  # whether the last stage() copied from the GPU
 
     def stage(self, payload: dict) -> tuple[dict, torch.cuda.Event | None]:
         """(the payload with every tensor replaced by its host copy, the event that marks the copies done)."""
