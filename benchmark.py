@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from datasets import Digits, DigitsSplit
+from datasets import Digits, DigitsSplit, image_format
 from algorithms import ALGORITHMS, METHODS
 from config import PRECISIONS, Config, configure_backends, device_name, speed_label, synchronize
 from iteration import Lane, SeedRandomness, TrainStep
@@ -38,8 +38,8 @@ from train import batch_streams, evaluate_all, train_epoch
 
 # Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
 REAL_SIZES = {"source_train": 73_257, "source_test": 26_032, "target_train": 60_000, "target_test": 10_000}
-# --network: the pair whose network is timed, and its image shape.
-NETWORKS = {"svhn": ("svhn", "mnist", (3, 32, 32)), "lenet": ("mnist", "usps", (1, 28, 28))}
+# --network: the pair whose network (and image format) is timed.
+NETWORKS = {"svhn": ("svhn", "mnist"), "lenet": ("mnist", "usps")}
 
 # --sweep: (precision, cuda graph, compile, channels_last, graph bookkeeping), slowest first; each change
 # to the default (bf16, graph, channels_last) is also timed alone.
@@ -99,7 +99,8 @@ def _setup(config: Config, sizes: dict[str, int], seeds: int = 1) -> tuple[torch
     them: alone, a plain lane; several, side by side with their own generators and CUDA streams."""
     device = torch.device(config.device)
     configure_backends(config)
-    data = synthetic_digits(sizes, device, shape=NETWORKS["svhn" if "svhn" in (config.source, config.target) else "lenet"][2])
+    fmt = image_format(config.source, config.target)
+    data = synthetic_digits(sizes, device, shape=(fmt.channels, fmt.size, fmt.size))
     lanes = []
     for seed in range(config.seed, config.seed + seeds):
         seeded = replace(config, seed=seed)
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--full-epoch times one SVHN -> MNIST run at the real sizes: leave out --network and --seeds")
     if args.sweep:
         return sweep(args, device)
-    source, target, _ = NETWORKS[args.network]
+    source, target = NETWORKS[args.network]
     config = Config(method=args.method, batch_size=args.batch_size, num_k=args.num_k, device=device, source=source,
                     target=target, **resolve_speed(args, device, parser))
     on_cuda = device.startswith("cuda")

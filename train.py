@@ -160,7 +160,6 @@ class Run:
         record = run_record(config, data.files, self.device, self.iterations)
         record["resumed_at_epochs"] = self.resumed_at
         self.checkpoints = CheckpointWriter(self.saved_path, ResultsWriter(config, record, rows))
-        self.seconds = rows[-1]["seconds"] if rows else 0.0
         self.prefix = f"seed {config.seed}: " if together else ""
         print(
             f"{self.prefix}{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training "
@@ -179,11 +178,11 @@ class Run:
         """After an epoch's training (`seconds` of it): check the weights, evaluate, then save the
         checkpoint and its CSV row in the background (the two always agree)."""
         check_finite_weights(self.model)
-        self.seconds += seconds  # training time only; evaluation is not counted
         row = {
             "epoch": self.epoch + 1,
             "iterations": (self.epoch + 1) * self.iterations,
-            "seconds": self.seconds,
+            # training time only, summed over epochs; evaluation is not counted
+            "seconds": (self.rows[-1]["seconds"] if self.rows else 0.0) + seconds,
             "loss_source": losses["loss_source"],
             "discrepancy_b": losses.get("discrepancy_b"),
             "discrepancy_c": losses.get("discrepancy_c"),
