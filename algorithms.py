@@ -26,7 +26,7 @@ from torch import nn
 
 from config import Config
 from datasets import DigitsSplit, to_model_input
-from models import architecture_for, build_models
+from models import HeadPair, StackedLinear, architecture_for, build_models
 
 DISCREPANCIES = ("l1", "swd")  # MCD.discrepancy picks one by name
 
@@ -76,6 +76,9 @@ class SourceOnly:
         # The training forward passes, compiled when asked. Evaluation calls the eager modules: other
         # batch shapes and eval mode would each cost a recompilation for a few milliseconds of work.
         self.g, self.f1, self.f2 = (torch.compile(m) if config.compile else m for m in self.modules)
+        # --paired-heads: F1 and F2 in one batched pass (SVHN network); their stacked weights are made per step.
+        self.pair = HeadPair(self.F1, self.F2) if config.paired_heads else None
+        self.paired = torch.compile(self.pair) if config.compile and self.pair else self.pair
         # One Adam for G and one for both heads; Adam is per-parameter, so this equals the original's
         # separate optimisers for F1 and F2. weight_decay is Adam's L2 term, as in the original.
         # On CUDA the fused kernel (same update, one launch per step); capturable keeps the step count
@@ -116,9 +119,18 @@ class SourceOnly:
         with self.autocast():
             return self.g(x)
 
-    def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, features) -> the logits of F1 and F2, each (B, 10)."""
+    def head_weights(self) -> list[StackedLinear] | None:
+        """With paired heads, F1's and F2's weights stacked (and cast) for one step's forward passes; None
+        otherwise. Made after the last optimiser step that changed the heads."""
+        if self.pair is None:
+            return None
+        return self.pair.stacked_weights(torch.bfloat16 if self.config.precision == "bf16" else torch.float32)
+
+    def heads(self, features: torch.Tensor, weights: list[StackedLinear] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, features) -> the logits of F1 and F2, each (B, 10); weights: head_weights() of this step."""
         with self.autocast():
+            if weights is not None:
+                return self.paired(features, weights)
             return self.f1(features), self.f2(features)
 
     def source_loss(self, logits: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -126,7 +138,7 @@ class SourceOnly:
 
     def step_a(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """A: G, F1, F2 minimise the source cross-entropy of both heads."""
-        loss = self.source_loss(self.heads(self.features(xs)), ys)
+        loss = self.source_loss(self.heads(self.features(xs), self.head_weights()), ys)
         self.opt_g.zero_grad()
         self.opt_f.zero_grad()
         loss.backward()
@@ -181,8 +193,9 @@ class MCD(SourceOnly):
         # Training mode still applies dropout and updates G's BatchNorm statistics, as the original.
         with torch.no_grad():
             features_s, features_t = self.features(xs), self.features(xt)
-        source_loss = self.source_loss(self.heads(features_s), ys)
-        d = self.discrepancy(self.heads(features_t))
+        weights = self.head_weights()
+        source_loss = self.source_loss(self.heads(features_s, weights), ys)
+        d = self.discrepancy(self.heads(features_t, weights))
         loss = source_loss - d
         self.opt_f.zero_grad()
         loss.backward()
@@ -193,8 +206,9 @@ class MCD(SourceOnly):
         """C: with F1, F2 fixed, G minimises d on the target, num_k times (a new dropout mask each)."""
         total = torch.zeros((), device=xt.device)
         with frozen(self.F1, self.F2):
+            weights = self.head_weights()  # constants here: the heads do not change in step C
             for _ in range(self.config.num_k):
-                d = self.discrepancy(self.heads(self.features(xt)))
+                d = self.discrepancy(self.heads(self.features(xt), weights))
                 self.opt_g.zero_grad()
                 d.backward()
                 self.opt_g.step()

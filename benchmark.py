@@ -34,6 +34,7 @@ from algorithms import ALGORITHMS, METHODS
 from config import PRECISIONS, Config, configure_backends, device_name, speed_label, synchronize
 from iteration import Lane, SeedRandomness, TrainStep
 from main import SWITCH, HelpFormatter, _batch_size, _positive_int, resolve_device, resolve_speed
+from models import architecture_for
 from train import batch_streams, evaluate_all, train_epoch
 
 # Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
@@ -41,21 +42,26 @@ REAL_SIZES = {"source_train": 73_257, "source_test": 26_032, "target_train": 60_
 # --network: the pair whose network (and image format) is timed.
 NETWORKS = {"svhn": ("svhn", "mnist"), "lenet": ("mnist", "usps")}
 
-# --sweep: (precision, cuda graph, compile, channels_last, graph bookkeeping), slowest first; each change
-# to the default (bf16, graph, channels_last) is also timed alone.
+# --sweep: each variant's switches in SWEEP_FLAGS order, slowest first; each change to the default
+# (bf16, graph, channels_last) is also timed alone, then the candidates together.
+SWEEP_FLAGS = {"precision": "", "cuda-graph": "graph", "compile": "compile", "channels-last": "channels_last",
+               "graph-bookkeeping": "bookkeeping", "paired-heads": "paired heads"}  # flag: its name in the table
 SWEEP_CUDA = (
-    ("fp32", "off", "off", "off", "off"),
-    ("bf16", "off", "off", "off", "off"),
-    ("fp32", "on", "off", "off", "off"),
-    ("tf32", "on", "off", "off", "off"),
-    ("bf16", "on", "off", "off", "off"),
-    ("bf16", "on", "off", "on", "off"),
-    ("bf16", "on", "off", "on", "on"),
-    ("bf16", "on", "on", "off", "off"),
-    ("bf16", "on", "on", "on", "off"),
-    ("bf16", "on", "on", "on", "on"),
+    ("fp32", "off", "off", "off", "off", "off"),
+    ("bf16", "off", "off", "off", "off", "off"),
+    ("fp32", "on", "off", "off", "off", "off"),
+    ("tf32", "on", "off", "off", "off", "off"),
+    ("bf16", "on", "off", "off", "off", "off"),
+    ("bf16", "on", "off", "on", "off", "off"),  # the default
+    ("bf16", "on", "off", "on", "on", "off"),
+    ("bf16", "on", "off", "on", "off", "on"),
+    ("bf16", "on", "on", "off", "off", "off"),
+    ("bf16", "on", "on", "on", "off", "off"),
+    ("bf16", "on", "off", "on", "on", "on"),
+    ("bf16", "on", "on", "on", "on", "on"),
 )
-SWEEP_CPU = (("fp32", "off", "off", "off", "off"), ("bf16", "off", "off", "off", "off"))
+SWEEP_CPU = (("fp32", "off", "off", "off", "off", "off"), ("bf16", "off", "off", "off", "off", "off"),
+             ("fp32", "off", "off", "off", "off", "on"))
 
 
 def synthetic_digits(sizes: dict[str, int], device: torch.device, seed: int = 0,
@@ -276,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", choices=SWITCH, default="auto", help="as main.py")
     add("--channels-last", choices=SWITCH, default="auto", help="as main.py")
     add("--graph-bookkeeping", choices=SWITCH, default="auto", help="as main.py")
+    add("--paired-heads", choices=SWITCH, default="auto", help="as main.py")
     add("--full-epoch", action="store_true", help="time real-size epochs with evaluation instead")
     add("--profile", action="store_true",
         help="profile --iters iterations (default: 20 on CUDA, 2 on CPU) instead: device time by kernel group, a trace")
@@ -293,10 +300,11 @@ def sweep(args: argparse.Namespace, device: str) -> int:
                         "--num-k", str(args.num_k), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     common += ["--iters", str(args.iters)] if args.iters else []
     common += ["--network", args.network, "--seeds", str(args.seeds)]
-    for precision, graph, compiled, channels_last, bookkeeping in variants:
-        command = [sys.executable, __file__, *common, "--precision", precision, "--cuda-graph", graph,
-                   "--compile", compiled, "--channels-last", channels_last, "--graph-bookkeeping", bookkeeping]
-        label = f"{precision}, graph {graph}, compile {compiled}, channels_last {channels_last}, bookkeeping {bookkeeping}"
+    for variant in variants:
+        command = [sys.executable, __file__, *common]
+        for flag, value in zip(SWEEP_FLAGS, variant, strict=True):
+            command += [f"--{flag}", value]
+        label = ", ".join(f"{name} {value}".strip() for name, value in zip(SWEEP_FLAGS.values(), variant))
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -312,7 +320,7 @@ def sweep(args: argparse.Namespace, device: str) -> int:
             with open(args.out, "a") as f:
                 f.write(json.dumps(result) + "\n")
         rows.append((label, result))
-    print("\n| precision, CUDA graph, compile, channels_last, bookkeeping in graph | ms/iter (median, min-max) | images/s | setup s | peak MiB |")
+    print("\n| precision, " + ", ".join(list(SWEEP_FLAGS.values())[1:]) + " | ms/iter (median, min-max) | images/s | setup s | peak MiB |")
     print("|---|---|---|---|---|")
     for label, r in rows:
         if "error" in r:
@@ -336,12 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         return sweep(args, device)
     source, target = NETWORKS[args.network]
     config = Config(method=args.method, batch_size=args.batch_size, num_k=args.num_k, device=device, source=source,
-                    target=target, **resolve_speed(args, device, parser))
+                    target=target, **resolve_speed(args, device, parser, architecture_for(source, target)))
     on_cuda = device.startswith("cuda")
     header = {**environment(torch.device(device)), "method": config.method, "network": args.network,
               "batch_size": config.batch_size, "num_k": config.num_k, "precision": config.precision,
               "cuda_graph": config.cuda_graph, "compile": config.compile, "channels_last": config.channels_last,
-              "graph_bookkeeping": config.graph_bookkeeping}
+              "graph_bookkeeping": config.graph_bookkeeping, "paired_heads": config.paired_heads}
     print(f"# {header['device']} | torch {header['torch']} | {config.method}, {args.network} network, batch "
           f"{config.batch_size} + {config.batch_size}, num_k {config.num_k} | {speed_label(config)}"
           + (f" | {args.seeds} seeds side by side" if args.seeds > 1 else ""), flush=True)

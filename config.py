@@ -54,6 +54,7 @@ class Config:
     compile: bool = False  # torch.compile the training forward passes of G, F1, F2
     channels_last: bool = False  # NHWC images and conv weights
     graph_bookkeeping: bool = False  # the loss sums and the non-finite check inside the captured graph
+    paired_heads: bool = False  # F1 and F2 as one batched pair: one matrix product per layer (SVHN network)
     parallel_seeds: int = 1  # --seeds: how many seeds train side by side in one process (each as if alone)
     # Run control.
     deterministic: bool = False  # deterministic algorithms only, cuDNN autotuning off: identical reruns
@@ -100,6 +101,7 @@ def speed_label(config: Config) -> str:
     flags += ["compiled"] if config.compile else []
     flags += ["channels_last"] if config.channels_last else []
     flags += ["bookkeeping in the graph"] if config.graph_bookkeeping and config.cuda_graph else []
+    flags += ["paired heads"] if config.paired_heads else []
     return ", ".join(flags)
 
 

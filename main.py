@@ -19,7 +19,7 @@ from algorithms import DISCREPANCIES, METHODS
 from config import ORIGINAL_SVHN_SCHEDULE, PRECISIONS, PROTOCOLS, Config, protocol_values
 from datasets import DOMAINS, DataError
 from iteration import NonFiniteLoss
-from models import BATCHNORM_INITS
+from models import BATCHNORM_INITS, architecture_for
 from results import OutputError
 from run_control import Interrupted
 from train import evaluate_checkpoint, run_seeds, train
@@ -30,6 +30,7 @@ SWITCH = ("auto", "on", "off")
 AUTO_COMPILE_ON_CUDA = False
 AUTO_CHANNELS_LAST_ON_CUDA = True
 AUTO_GRAPH_BOOKKEEPING_ON_CUDA = False  # not yet timed on a GPU (README 'Speed')
+AUTO_PAIRED_HEADS_ON_CUDA = False  # not yet timed on a GPU (README 'Speed')
 
 
 def _auto(on_cuda: bool) -> str:
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--graph-bookkeeping", choices=SWITCH, default="auto",
                        help="the per-iteration loss sums and non-finite check inside the captured CUDA graph instead "
                             f"of a few kernels after each replay (auto: {_auto(AUTO_GRAPH_BOOKKEEPING_ON_CUDA)})")
+    speed.add_argument("--paired-heads", choices=SWITCH, default="auto",
+                       help="F1 and F2 of the SVHN network as one batched pair: one matrix product per layer for both, "
+                            f"their weights stacked once per step (auto: {_auto(AUTO_PAIRED_HEADS_ON_CUDA)})")
     speed.add_argument("--parallel-seeds", type=_positive_int, default=None, metavar="K",
                        help="with --seeds: train K seeds side by side in one process, each exactly the run it is alone "
                             "(default: all of them on CUDA, 1 on CPU and MPS)")
@@ -201,8 +205,10 @@ def resolve_device(requested: str, parser: argparse.ArgumentParser) -> str:
     return requested
 
 
-def resolve_speed(args: argparse.Namespace, device: str, parser: argparse.ArgumentParser) -> dict:
-    """The speed switches for this device: 'auto' becomes the measured-fastest choice (README 'Speed')."""
+def resolve_speed(args: argparse.Namespace, device: str, parser: argparse.ArgumentParser,
+                  architecture: str = "svhn2mnist") -> dict:
+    """The speed switches for this device and network: 'auto' becomes the measured-fastest choice
+    (README 'Speed')."""
     cuda = device.startswith("cuda")
     if args.cuda_graph == "on" and not cuda:
         parser.error(f"--cuda-graph on needs a CUDA device, not {device}; use --cuda-graph off or auto")
@@ -210,12 +216,16 @@ def resolve_speed(args: argparse.Namespace, device: str, parser: argparse.Argume
     cuda_graph = pick(args.cuda_graph, cuda)
     if args.graph_bookkeeping == "on" and not cuda_graph:
         parser.error("--graph-bookkeeping on puts the loss sums inside the CUDA graph: it needs --cuda-graph on (and CUDA)")
+    if args.paired_heads == "on" and architecture != "svhn2mnist":
+        parser.error("--paired-heads on pairs the SVHN network's heads; the MNIST <-> USPS network's (with dropout) "
+                     "are not paired: use --paired-heads off or auto")
     return {
         "precision": ("bf16" if cuda else "fp32") if args.precision == "auto" else args.precision,
         "cuda_graph": cuda_graph,
         "compile": pick(args.compile, cuda and AUTO_COMPILE_ON_CUDA),
         "channels_last": pick(args.channels_last, cuda and AUTO_CHANNELS_LAST_ON_CUDA),
         "graph_bookkeeping": pick(args.graph_bookkeeping, cuda_graph and AUTO_GRAPH_BOOKKEEPING_ON_CUDA),
+        "paired_heads": pick(args.paired_heads, cuda and AUTO_PAIRED_HEADS_ON_CUDA and architecture == "svhn2mnist"),
     }
 
 
@@ -228,7 +238,7 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> C
     def chosen(name: str, given, default):
         return given if given is not None else protocol.get(name, default)
 
-    speed = resolve_speed(args, device, parser)
+    speed = resolve_speed(args, device, parser, architecture_for(args.source, args.target))
     if args.parallel_seeds is not None and not args.seeds:
         parser.error("--parallel-seeds needs --seeds (it says how many of them train side by side)")
     seed_count = len(seed_list(args) or [args.seed])

@@ -66,10 +66,10 @@ def _speed(argv: list[str], device: str) -> dict:
 
 def test_auto_picks_the_fast_path_on_cuda_and_exact_fp32_elsewhere():
     assert _speed([], "cpu") == {"precision": "fp32", "cuda_graph": False, "compile": False, "channels_last": False,
-                                 "graph_bookkeeping": False}
+                                 "graph_bookkeeping": False, "paired_heads": False}
     cuda = _speed([], "cuda")
     assert cuda == {"precision": "bf16", "cuda_graph": True, "compile": False, "channels_last": True,
-                    "graph_bookkeeping": False}
+                    "graph_bookkeeping": False, "paired_heads": False}
     assert _speed(["--graph-bookkeeping", "on"], "cuda")["graph_bookkeeping"] is True
     assert _speed(["--precision", "fp32", "--cuda-graph", "off"], "cuda")["precision"] == "fp32"
     assert _speed(["--compile", "on", "--channels-last", "on"], "cpu")["compile"] is True
@@ -81,6 +81,14 @@ def test_graph_bookkeeping_needs_the_cuda_graph(capsys):
     assert "--graph-bookkeeping on" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _speed(["--graph-bookkeeping", "on", "--cuda-graph", "off"], "cuda")
+
+
+def test_paired_heads_are_for_the_svhn_network(capsys):
+    assert _speed(["--paired-heads", "on"], "cpu")["paired_heads"] is True
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        resolve_speed(parser.parse_args(["--paired-heads", "on"]), "cpu", parser, architecture="usps")
+    assert exit_info.value.code == 2 and "--paired-heads on pairs the SVHN network's heads" in capsys.readouterr().err
 
 
 def test_cuda_graph_on_a_cpu_is_a_clear_error(capsys):
@@ -108,14 +116,41 @@ def test_bf16_autocasts_the_network_but_losses_stay_fp32():
         model.train_mode(False)  # no dropout: the two forward passes are comparable
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
-        l1_exact, _ = exact.heads(exact.features(x))
+        l1_exact, _ = exact.heads(exact.features(x), None)
         features = fast.features(x)
-        l1_fast, l2_fast = fast.heads(features)
+        l1_fast, l2_fast = fast.heads(features, None)
     assert features.dtype == torch.bfloat16 and l1_fast.dtype == torch.bfloat16 and l1_exact.dtype == torch.float32
     relative = (l1_fast.float() - l1_exact).norm() / l1_exact.norm()
     assert 1e-4 < relative < 3e-2  # bf16 rounding: visible, small
     assert discrepancy(l1_fast, l2_fast).dtype == torch.float32
     assert fast.source_loss((l1_fast, l2_fast), torch.zeros(16, dtype=torch.long)).dtype == torch.float32
+
+
+def test_bf16_keeps_activations_bf16_through_batchnorm_relu_and_pooling():
+    # Autocast already runs BatchNorm, ReLU, max-pooling and dropout on the bf16 activations (none of them
+    # is on its fp32 list), with fp32 running statistics: no cast back to fp32 between the matrix products.
+    model = MCD(Config(precision="bf16"), CPU)
+    seen = []
+    for module in [*model.G.modules(), *model.F1.modules()]:
+        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.MaxPool2d, torch.nn.Dropout)):
+            module.register_forward_hook(lambda m, inputs, output: seen.append((type(m).__name__, inputs[0].dtype, output.dtype)))
+    model.heads(model.features(torch.randn(4, 3, 32, 32)), None)
+    assert {name for name, _, _ in seen} == {"BatchNorm1d", "BatchNorm2d", "ReLU", "MaxPool2d", "Dropout"}
+    assert all((i, o) == (torch.bfloat16, torch.bfloat16) for _, i, o in seen), seen
+    assert model.G.conv[1].running_mean.dtype == model.F1.net[1].running_var.dtype == torch.float32
+
+
+def test_paired_heads_compute_the_same_training_steps():
+    plain, separate, _ = _run_iterations(Config(batch_size=8, num_k=2), 3, batch_size=8)
+    paired, model, _ = _run_iterations(Config(batch_size=8, num_k=2, paired_heads=True), 3, batch_size=8)
+    assert model.pair is not None
+    _close(plain, paired, rel_first=1e-5, rel_later=1e-3)
+    # Both heads trained as before, BatchNorm buffers too. Rounding differs, and where a gradient is ~0
+    # (a bias before BatchNorm) Adam turns that into steps of up to lr: rare, and at most a few lr.
+    for a, b in zip((separate.F1, separate.F2), (model.F1, model.F2)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            differences = (x.float() - y.float()).abs()
+            assert differences.max() <= 2 * 3 * Config.lr and (differences > 1e-5).float().mean() < 0.01, name
 
 
 def test_channels_last_computes_the_same_training_steps():
@@ -156,14 +191,15 @@ def test_benchmark_prints_a_table_line_and_one_json_line():
 
 
 def test_benchmark_sweep_runs_each_variant_in_its_own_process(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(benchmark, "SWEEP_CPU", (("fp32", "off", "off", "off", "off"), ("fp32", "on", "off", "off", "off")))
+    monkeypatch.setattr(benchmark, "SWEEP_CPU", (("fp32", "off", "off", "off", "off", "off"),
+                                                 ("fp32", "on", "off", "off", "off", "off")))
     out = tmp_path / "speed.jsonl"
     args = benchmark.build_parser().parse_args(
         ["--sweep", "--device", "cpu", "--method", "source_only", "--batch-size", "8", "--iters", "1",
          "--repeats", "1", "--warmup", "1", "--out", str(out)])
     assert benchmark.sweep(args, "cpu") == 1  # the second variant cannot run on a CPU...
     table = capsys.readouterr().out
-    assert "| fp32, graph off, compile off, channels_last off, bookkeeping off |" in table
+    assert "| fp32, graph off, compile off, channels_last off, bookkeeping off, paired heads off |" in table
     assert "needs a CUDA device" in table  # ...and says why, in its row, without stopping the sweep
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records[0]["ms_per_iter_median"] > 0 and "error" in records[1]
@@ -237,6 +273,15 @@ def test_cuda_compiled_graph_follows_eager(monkeypatch):
     compiled, _, step = _run_iterations(Config(batch_size=32, device="cuda", cuda_graph=True, compile=True), 6, batch_size=32)
     assert step.graph is not None
     _close(eager, compiled, rel_first=1e-3, rel_later=5e-2)  # inductor's own rounding: 1.3% seen on an H100
+
+
+@needs_cuda
+def test_cuda_paired_heads_follow_the_separate_heads_in_the_graph():
+    base = Config(batch_size=32, device="cuda", cuda_graph=True, precision="bf16", channels_last=True)
+    separate, _, _ = _run_iterations(base, 6, batch_size=32)
+    paired, model, step = _run_iterations(replace(base, paired_heads=True), 6, batch_size=32)
+    assert model.pair is not None and step.graph is not None
+    _close(separate, paired, rel_first=1e-2, rel_later=5e-2)  # bf16 products, rounded in another order
 
 
 @needs_cuda
