@@ -67,18 +67,28 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
 class SourceOnly:
     """G, F1 and F2 trained on the labelled source only (step A alone): the paper's baseline row."""
 
+    # Each step's forward passes and loss, from its inputs: what --compile step compiles as one function
+    # (one forward and one backward graph per step); the optimiser steps stay outside.
+    STEP_PASSES: tuple[str, ...] = ("source_pass",)
+
     def __init__(self, config: Config, device: torch.device):
         self.config, self.device = config, device
         self.G, self.F1, self.F2 = build_models(device, architecture_for(config.source, config.target),
                                                 config.batchnorm_init)
         if config.channels_last:
             self.G.to(memory_format=torch.channels_last)
-        # The training forward passes, compiled when asked. Evaluation calls the eager modules: other
-        # batch shapes and eval mode would each cost a recompilation for a few milliseconds of work.
-        self.g, self.f1, self.f2 = (torch.compile(m) if config.compile else m for m in self.modules)
+        # The training forward passes, compiled when asked: the modules (--compile on), or each step's
+        # passes with their loss as one function (--compile step, see STEP_PASSES). Evaluation calls the
+        # eager modules: other batch shapes and eval mode would each cost a recompilation for a few
+        # milliseconds of work.
+        compile_modules = config.compile and not config.compile_step
+        self.g, self.f1, self.f2 = (torch.compile(m) if compile_modules else m for m in self.modules)
         # --paired-heads: F1 and F2 in one batched pass (SVHN network); their stacked weights are made per step.
         self.pair = HeadPair(self.F1, self.F2) if config.paired_heads else None
-        self.paired = torch.compile(self.pair) if config.compile and self.pair else self.pair
+        self.paired = torch.compile(self.pair) if compile_modules and self.pair else self.pair
+        if config.compile and config.compile_step:
+            for name in self.STEP_PASSES:
+                setattr(self, name, torch.compile(getattr(self, name)))
         # One Adam for G and one for both heads; Adam is per-parameter, so this equals the original's
         # separate optimisers for F1 and F2. weight_decay is Adam's L2 term, as in the original.
         # On CUDA the fused kernel (same update, one launch per step); capturable keeps the step count
@@ -126,8 +136,8 @@ class SourceOnly:
             return None
         return self.pair.stacked_weights(torch.bfloat16 if self.config.precision == "bf16" else torch.float32)
 
-    def heads(self, features: torch.Tensor, weights: list[StackedLinear] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, features) -> the logits of F1 and F2, each (B, 10); weights: head_weights() of this step."""
+    def heads(self, features: torch.Tensor, weights: list[StackedLinear] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, features) -> the logits of F1 and F2, each (B, 10); weights: head_weights() of this step (paired heads)."""
         with self.autocast():
             if weights is not None:
                 return self.paired(features, weights)
@@ -136,9 +146,13 @@ class SourceOnly:
     def source_loss(self, logits: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits[0].float(), labels) + F.cross_entropy(logits[1].float(), labels)
 
+    def source_pass(self, xs: torch.Tensor, ys: torch.Tensor, weights: list[StackedLinear] | None) -> torch.Tensor:
+        """Step A's loss: both heads' source cross-entropy."""
+        return self.source_loss(self.heads(self.features(xs), weights), ys)
+
     def step_a(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """A: G, F1, F2 minimise the source cross-entropy of both heads."""
-        loss = self.source_loss(self.heads(self.features(xs), self.head_weights()), ys)
+        loss = self.source_pass(xs, ys, self.head_weights())
         self.opt_g.zero_grad()
         self.opt_f.zero_grad()
         loss.backward()
@@ -180,6 +194,8 @@ class SourceOnly:
 class MCD(SourceOnly):
     """Maximum Classifier Discrepancy: step A, then B (heads maximise d), then C (G minimises d)."""
 
+    STEP_PASSES = ("source_pass", "heads_pass", "target_pass")
+
     def discrepancy(self, logits: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The configured d between the heads' logits; SWD draws fresh directions on every call."""
         if self.config.discrepancy == "swd":
@@ -187,15 +203,22 @@ class MCD(SourceOnly):
             return sliced_wasserstein_discrepancy(*logits, directions)
         return discrepancy(*logits)
 
-    def step_b(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-        """B: with G fixed, F1 and F2 minimise source CE - d on the target."""
+    def heads_pass(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, weights: list[StackedLinear] | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step B's terms: the heads' source CE and their discrepancy on the target."""
         # G is fixed, so its outputs are constants: no graph through G, no wasted backward.
         # Training mode still applies dropout and updates G's BatchNorm statistics, as the original.
         with torch.no_grad():
             features_s, features_t = self.features(xs), self.features(xt)
-        weights = self.head_weights()
-        source_loss = self.source_loss(self.heads(features_s, weights), ys)
-        d = self.discrepancy(self.heads(features_t, weights))
+        return self.source_loss(self.heads(features_s, weights), ys), self.discrepancy(self.heads(features_t, weights))
+
+    def target_pass(self, xt: torch.Tensor, weights: list[StackedLinear] | None) -> torch.Tensor:
+        """Step C's loss: the heads' discrepancy on the target."""
+        return self.discrepancy(self.heads(self.features(xt), weights))
+
+    def step_b(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        """B: with G fixed, F1 and F2 minimise source CE - d on the target."""
+        source_loss, d = self.heads_pass(xs, ys, xt, self.head_weights())
         loss = source_loss - d
         self.opt_f.zero_grad()
         loss.backward()
@@ -208,7 +231,7 @@ class MCD(SourceOnly):
         with frozen(self.F1, self.F2):
             weights = self.head_weights()  # constants here: the heads do not change in step C
             for _ in range(self.config.num_k):
-                d = self.discrepancy(self.heads(self.features(xt), weights))
+                d = self.target_pass(xt, weights)
                 self.opt_g.zero_grad()
                 d.backward()
                 self.opt_g.step()

@@ -57,8 +57,10 @@ SWEEP_CUDA = (
     ("bf16", "on", "off", "on", "off", "on"),
     ("bf16", "on", "on", "off", "off", "off"),
     ("bf16", "on", "on", "on", "off", "off"),
+    ("bf16", "on", "step", "on", "off", "off"),
     ("bf16", "on", "off", "on", "on", "on"),
     ("bf16", "on", "on", "on", "on", "on"),
+    ("bf16", "on", "step", "on", "on", "on"),
 )
 SWEEP_CPU = (("fp32", "off", "off", "off", "off", "off"), ("bf16", "off", "off", "off", "off", "off"),
              ("fp32", "off", "off", "off", "off", "on"))
@@ -279,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup", type=_positive_int, default=10, help="untimed iterations first (at least the graph warm-up + 2)")
     add("--precision", choices=("auto", *PRECISIONS), default="auto", help="as main.py")
     add("--cuda-graph", choices=SWITCH, default="auto", help="as main.py")
-    add("--compile", choices=SWITCH, default="auto", help="as main.py")
+    add("--compile", choices=(*SWITCH, "step"), default="auto", help="as main.py")
     add("--channels-last", choices=SWITCH, default="auto", help="as main.py")
     add("--graph-bookkeeping", choices=SWITCH, default="auto", help="as main.py")
     add("--paired-heads", choices=SWITCH, default="auto", help="as main.py")
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     on_cuda = device.startswith("cuda")
     header = {**environment(torch.device(device)), "method": config.method, "network": args.network,
               "batch_size": config.batch_size, "num_k": config.num_k, "precision": config.precision,
-              "cuda_graph": config.cuda_graph, "compile": config.compile, "channels_last": config.channels_last,
+              "cuda_graph": config.cuda_graph, "compile": config.compile, "compile_step": config.compile_step, "channels_last": config.channels_last,
               "graph_bookkeeping": config.graph_bookkeeping, "paired_heads": config.paired_heads}
     print(f"# {header['device']} | torch {header['torch']} | {config.method}, {args.network} network, batch "
           f"{config.batch_size} + {config.batch_size}, num_k {config.num_k} | {speed_label(config)}"

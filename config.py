@@ -51,7 +51,8 @@ class Config:
     # Speed switches (resolved per device by main.py); none of them changes the mathematics.
     precision: str = "fp32"  # one of PRECISIONS: fp32 exact (TF32 off), tf32, bf16 autocast with fp32 losses
     cuda_graph: bool = False  # capture the whole iteration once and replay it (CUDA only)
-    compile: bool = False  # torch.compile the training forward passes of G, F1, F2
+    compile: bool = False  # torch.compile the training forward passes of G, F1, F2...
+    compile_step: bool = False  # ...or, with compile, each step's passes and loss as one function
     channels_last: bool = False  # NHWC images and conv weights
     graph_bookkeeping: bool = False  # the loss sums and the non-finite check inside the captured graph
     paired_heads: bool = False  # F1 and F2 as one batched pair: one matrix product per layer (SVHN network)
@@ -98,7 +99,7 @@ def speed_label(config: Config) -> str:
     """How the iteration runs, in words, e.g. 'bf16, CUDA graph, compiled'."""
     flags = [config.precision]
     flags += ["CUDA graph"] if config.cuda_graph else []
-    flags += ["compiled"] if config.compile else []
+    flags += [("step compiled" if config.compile_step else "compiled")] if config.compile else []
     flags += ["channels_last"] if config.channels_last else []
     flags += ["bookkeeping in the graph"] if config.graph_bookkeeping and config.cuda_graph else []
     flags += ["paired heads"] if config.paired_heads else []

@@ -178,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--cuda-graph", choices=SWITCH, default="auto",
                        help="capture the whole training iteration once as a CUDA graph and replay it "
                             "(auto: on for CUDA)")
-    speed.add_argument("--compile", choices=SWITCH, default="auto",
-                       help=f"torch.compile the training forward passes (auto: {_auto(AUTO_COMPILE_ON_CUDA)})")
+    speed.add_argument("--compile", choices=(*SWITCH, "step"), default="auto",
+                       help="torch.compile the training forward passes of G, F1, F2 (on), or each step's forward passes "
+                            "with its loss as one function, forward and backward (step) "
+                            f"(auto: {_auto(AUTO_COMPILE_ON_CUDA)})")
     speed.add_argument("--channels-last", choices=SWITCH, default="auto",
                        help=f"NHWC images and convolution weights (auto: {_auto(AUTO_CHANNELS_LAST_ON_CUDA)})")
     speed.add_argument("--graph-bookkeeping", choices=SWITCH, default="auto",
@@ -222,7 +224,8 @@ def resolve_speed(args: argparse.Namespace, device: str, parser: argparse.Argume
     return {
         "precision": ("bf16" if cuda else "fp32") if args.precision == "auto" else args.precision,
         "cuda_graph": cuda_graph,
-        "compile": pick(args.compile, cuda and AUTO_COMPILE_ON_CUDA),
+        "compile": args.compile == "step" or pick(args.compile, cuda and AUTO_COMPILE_ON_CUDA),
+        "compile_step": args.compile == "step",
         "channels_last": pick(args.channels_last, cuda and AUTO_CHANNELS_LAST_ON_CUDA),
         "graph_bookkeeping": pick(args.graph_bookkeeping, cuda_graph and AUTO_GRAPH_BOOKKEEPING_ON_CUDA),
         "paired_heads": pick(args.paired_heads, cuda and AUTO_PAIRED_HEADS_ON_CUDA and architecture == "svhn2mnist"),

@@ -26,12 +26,12 @@ CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _run_iterations(config: Config, iterations: int, batch_size: int, seed: int = 0):
+def _run_iterations(config: Config, iterations: int, batch_size: int, seed: int = 0, shape=(3, 32, 32)):
     """Trains `iterations` steps on fixed synthetic data; returns the per-step losses and the model."""
     device = torch.device(config.device)
     configure_backends(config)
     data = benchmark.synthetic_digits({"source_train": 4 * batch_size, "target_train": 4 * batch_size,
-                                       "source_test": 1, "target_test": 1}, device, seed=seed)
+                                       "source_test": 1, "target_test": 1}, device, seed=seed, shape=shape)
     torch.manual_seed(seed)
     model = (MCD if config.method == "mcd" else SourceOnly)(config, device)
     model.train_mode(True)
@@ -65,11 +65,13 @@ def _speed(argv: list[str], device: str) -> dict:
 
 
 def test_auto_picks_the_fast_path_on_cuda_and_exact_fp32_elsewhere():
-    assert _speed([], "cpu") == {"precision": "fp32", "cuda_graph": False, "compile": False, "channels_last": False,
-                                 "graph_bookkeeping": False, "paired_heads": False}
+    assert _speed([], "cpu") == {"precision": "fp32", "cuda_graph": False, "compile": False, "compile_step": False,
+                                 "channels_last": False, "graph_bookkeeping": False, "paired_heads": False}
     cuda = _speed([], "cuda")
-    assert cuda == {"precision": "bf16", "cuda_graph": True, "compile": False, "channels_last": True,
-                    "graph_bookkeeping": False, "paired_heads": False}
+    assert cuda == {"precision": "bf16", "cuda_graph": True, "compile": False, "compile_step": False,
+                    "channels_last": True, "graph_bookkeeping": False, "paired_heads": False}
+    assert {key: _speed(["--compile", "step"], "cpu")[key] for key in ("compile", "compile_step")} == \
+        {"compile": True, "compile_step": True}
     assert _speed(["--graph-bookkeeping", "on"], "cuda")["graph_bookkeeping"] is True
     assert _speed(["--precision", "fp32", "--cuda-graph", "off"], "cuda")["precision"] == "fp32"
     assert _speed(["--compile", "on", "--channels-last", "on"], "cpu")["compile"] is True
@@ -116,9 +118,9 @@ def test_bf16_autocasts_the_network_but_losses_stay_fp32():
         model.train_mode(False)  # no dropout: the two forward passes are comparable
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
-        l1_exact, _ = exact.heads(exact.features(x), None)
+        l1_exact, _ = exact.heads(exact.features(x))
         features = fast.features(x)
-        l1_fast, l2_fast = fast.heads(features, None)
+        l1_fast, l2_fast = fast.heads(features)
     assert features.dtype == torch.bfloat16 and l1_fast.dtype == torch.bfloat16 and l1_exact.dtype == torch.float32
     relative = (l1_fast.float() - l1_exact).norm() / l1_exact.norm()
     assert 1e-4 < relative < 3e-2  # bf16 rounding: visible, small
@@ -134,7 +136,7 @@ def test_bf16_keeps_activations_bf16_through_batchnorm_relu_and_pooling():
     for module in [*model.G.modules(), *model.F1.modules()]:
         if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.MaxPool2d, torch.nn.Dropout)):
             module.register_forward_hook(lambda m, inputs, output: seen.append((type(m).__name__, inputs[0].dtype, output.dtype)))
-    model.heads(model.features(torch.randn(4, 3, 32, 32)), None)
+    model.heads(model.features(torch.randn(4, 3, 32, 32)))
     assert {name for name, _, _ in seen} == {"BatchNorm1d", "BatchNorm2d", "ReLU", "MaxPool2d", "Dropout"}
     assert all((i, o) == (torch.bfloat16, torch.bfloat16) for _, i, o in seen), seen
     assert model.G.conv[1].running_mean.dtype == model.F1.net[1].running_var.dtype == torch.float32
@@ -169,6 +171,19 @@ def test_compiled_training_computes_the_same_steps(monkeypatch):
     config = Config(method="source_only", batch_size=8)
     eager, _, _ = _run_iterations(config, 3, batch_size=8)
     compiled, _, _ = _run_iterations(Config(method="source_only", batch_size=8, compile=True), 3, batch_size=8)
+    _close(eager, compiled, rel_first=2e-4, rel_later=1e-2)
+
+
+def test_compiling_whole_steps_computes_the_same_steps(monkeypatch):
+    # --compile step: each step's passes and loss compiled as one function (the LeNet network and
+    # num_k 1 keep the three compilations short); same masks as eager through fallback_random.
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    base = Config(source="mnist", target="usps", batch_size=8, num_k=1)
+    eager, _, _ = _run_iterations(base, 2, batch_size=8, shape=(1, 28, 28))
+    compiled, model, _ = _run_iterations(replace(base, compile=True, compile_step=True), 2, batch_size=8, shape=(1, 28, 28))
+    assert model.g is model.G and all(hasattr(getattr(model, name), "_torchdynamo_orig_callable") for name in MCD.STEP_PASSES)
     _close(eager, compiled, rel_first=2e-4, rel_later=1e-2)
 
 
