@@ -280,12 +280,14 @@ def test_cuda_bf16_graph_follows_fp32():
 
 
 @needs_cuda
-def test_cuda_compiled_graph_follows_eager(monkeypatch):
+@pytest.mark.parametrize("compile_step", [False, True], ids=["modules", "step"])
+def test_cuda_compiled_graph_follows_eager(monkeypatch, compile_step):
     import torch._inductor.config
 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     eager, _, _ = _run_iterations(Config(batch_size=32, device="cuda"), 6, batch_size=32)
-    compiled, _, step = _run_iterations(Config(batch_size=32, device="cuda", cuda_graph=True, compile=True), 6, batch_size=32)
+    compiled_config = Config(batch_size=32, device="cuda", cuda_graph=True, compile=True, compile_step=compile_step)
+    compiled, _, step = _run_iterations(compiled_config, 6, batch_size=32)
     assert step.graph is not None
     _close(eager, compiled, rel_first=1e-3, rel_later=5e-2)  # inductor's own rounding: 1.3% seen on an H100
 
