@@ -8,6 +8,7 @@
     python benchmark.py --seeds 5               # 5 seeds side by side (--parallel-seeds): per round and per seed
     python benchmark.py --seeds 8 --network lenet   # the MNIST <-> USPS network
     python benchmark.py --profile               # where an iteration's time goes: kernels by group, a trace
+    python benchmark.py --evaluation            # one evaluation (26,032 + 10,000 test images) per chunk size
 
 Iterations are the exact training code (iteration.TrainStep: on-device batch gather, steps A, B, C, the
 optimisers). Warm-up (cuDNN autotuning, compilation) and CUDA-graph capture are timed apart and
@@ -179,6 +180,25 @@ def time_full_epochs(config: Config, sizes: dict[str, int] = REAL_SIZES, epochs:
     }
 
 
+def time_evaluation(config: Config, chunk_sizes: list[int], repeats: int, sizes: dict[str, int] | None = None) -> dict:
+    """The per-epoch evaluation (evaluate_all: the source and target test sets, real sizes by default)
+    at each chunk size: the median of `repeats` timed passes after an untimed one (autotuning)."""
+    sizes = {**(sizes or REAL_SIZES), "source_train": config.batch_size, "target_train": config.batch_size}
+    device, data, [lane] = _setup(config, sizes)
+    rows = []
+    for chunk in chunk_sizes:
+        evaluate_all(lane.step.model, data, chunk)
+        seconds = []
+        for _ in range(repeats):
+            with Timer(device) as timer:
+                evaluate_all(lane.step.model, data, chunk)
+            seconds.append(timer.seconds)
+        images = len(data.source_test) + len(data.target_test)
+        rows.append({"chunk": chunk, "eval_s_median": statistics.median(seconds), "eval_s_min": min(seconds),
+                     "images_per_s": images / statistics.median(seconds)})
+    return {"test_images": len(data.source_test) + len(data.target_test), "evaluation": rows, **_memory(device)}
+
+
 # --profile: kernel (on a CPU: operator) names, lower-cased, to the groups of the table; first match wins.
 # cuDNN names its BatchNorm and softmax kernels too, so those groups come before the convolutions.
 KERNEL_GROUPS = (
@@ -264,6 +284,16 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def _chunk_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     add = parser.add_argument
@@ -288,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--full-epoch", action="store_true", help="time real-size epochs with evaluation instead")
     add("--profile", action="store_true",
         help="profile --iters iterations (default: 20 on CUDA, 2 on CPU) instead: device time by kernel group, a trace")
+    add("--evaluation", action="store_true",
+        help="time the per-epoch evaluation at the real test sizes for each --eval-batch-sizes chunk instead")
+    add("--eval-batch-sizes", type=_chunk_sizes, default=[1024, 2048, 4096, 8192, 16384], metavar="N,N,...",
+        help="--evaluation: the chunk sizes to time (main.py's --eval-batch-size)")
     add("--trace", type=Path, default=Path("runs/profile/trace.json"), help="--profile: where the trace goes")
     add("--sweep", action="store_true", help="run every variant in its own process and print a table")
     add("--out", default=None, help="--sweep: also append each variant's JSON line to this file")
@@ -338,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = resolve_device(args.device, parser)
-    if sum((args.profile, args.full_epoch, args.sweep)) > 1:
-        parser.error("--profile, --full-epoch and --sweep are different measurements: choose one")
+    if sum((args.profile, args.full_epoch, args.sweep, args.evaluation)) > 1:
+        parser.error("--profile, --full-epoch, --sweep and --evaluation are different measurements: choose one")
     if args.full_epoch and (args.network, args.seeds) != ("svhn", 1):
         parser.error("--full-epoch times one SVHN -> MNIST run at the real sizes: leave out --network and --seeds")
     if args.sweep:
@@ -359,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         result = {**header, "mode": "profile", "cuda": on_cuda,
                   **profile_iterations(config, args.iters or (20 if on_cuda else 2), args.warmup, args.trace)}
         print_profile(result)
+    elif args.evaluation:
+        result = {**header, "mode": "evaluation", **time_evaluation(config, args.eval_batch_sizes, args.repeats)}
+        print(f"\n| evaluation chunk | s per evaluation ({result['test_images']:,} images, median, min) | images/s |\n|---|---|---|")
+        for row in result["evaluation"]:
+            print(f"| {row['chunk']} | {row['eval_s_median']:.3f} ({row['eval_s_min']:.3f}) | {row['images_per_s']:,.0f} |")
     elif args.full_epoch:
         result = {**header, "mode": "full_epoch", **time_full_epochs(config)}
         for i, (t, e) in enumerate(zip(result["train_s"], result["eval_s"]), 1):

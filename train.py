@@ -18,6 +18,7 @@ checkpoint.py, and stopping / resuming in run_control.py; this file only puts th
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -238,12 +239,15 @@ def _train_runs(started: list[tuple[Config, dict | None, list[dict]]]) -> None:
     """Set up a Run per (config, checkpoint, rows), then the epochs until every run has all of its own."""
     together = len(started) > 1
     shared_data: dict = {}
+    clock = time.perf_counter()
+    epoch_seconds: list[float] = []  # training only
     with contextlib.ExitStack() as closing:  # every run's writer finishes its last write, whatever happens
         runs = []
         for config, checkpoint, rows in started:
             runs.append(Run(config, checkpoint, rows, shared_data, together))
             closing.callback(runs[-1].checkpoints.close)
         device = runs[0].device
+        setup_seconds = time.perf_counter() - clock
         while unfinished := [run for run in runs if run.epoch < run.config.epochs]:
             first = unfinished[0]
             desc = f"epoch {first.epoch + 1}/{first.config.epochs}" + (f" ({len(unfinished)} seeds)" if together else "")
@@ -252,11 +256,28 @@ def _train_runs(started: list[tuple[Config, dict | None, list[dict]]]) -> None:
             losses = _checked(unfinished, lambda: train_epoch([run.lane for run in unfinished], first.iterations, desc))
             synchronize(device)
             seconds = time.perf_counter() - start  # together: the epoch's wall time, shared by its runs
+            epoch_seconds.append(seconds)
             for run, run_losses in zip(unfinished, losses):
                 with run.lane.active():
                     _checked([run], lambda: run.end_epoch(run_losses, seconds))
     for run in runs:
         run.save_confusion()
+    if epoch_seconds:
+        rest = time.perf_counter() - clock - setup_seconds - sum(epoch_seconds)
+        print(timing_line(setup_seconds, epoch_seconds, rest, sum(run.lane.step.capture_seconds for run in runs)))
+
+
+def timing_line(setup: float, epoch_seconds: list[float], rest: float, capture: float) -> str:
+    """Where this process's time went, start-up and warm-up apart from steady training: setup (data,
+    models, checkpoint read), training (the first epoch holds the warm-up: cuDNN autotuning, compilation,
+    graph capture), evaluation and checkpoints (incl. waiting for the last write). Seconds."""
+    line = (f"time in this process: setup {setup:.1f} s; training {sum(epoch_seconds):.1f} s over "
+            f"{len(epoch_seconds)} epoch{'s' if len(epoch_seconds) > 1 else ''} (first {epoch_seconds[0]:.1f} s")
+    if len(epoch_seconds) > 1:
+        later = statistics.median(epoch_seconds[1:])
+        line += f", later median {later:.1f} s: warm-up ≈ {epoch_seconds[0] - later:.1f} s"
+    line += f"{f', graph capture {capture:.2f} s' if capture else ''}); evaluation and checkpoints {rest:.1f} s"
+    return line
 
 
 Result = TypeVar("Result")

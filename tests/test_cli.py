@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,12 @@ def test_train_then_plot_end_to_end(digits_root, tmp_path):
         assert 0 <= float(row["target_acc_ensemble"]) <= 100 and float(row["discrepancy_b"]) >= 0
     assert float(rows[1]["seconds"]) > float(rows[0]["seconds"]) > 0
     assert "epoch   2/2" in result.stdout
+    timing = re.search(r"time in this process: setup ([\d.]+) s; training ([\d.]+) s over 2 epochs \(first ([\d.]+) s, "
+                       r"later median ([\d.]+) s: warm-up ≈ (-?[\d.]+) s\); evaluation and checkpoints ([\d.]+) s", result.stdout)
+    assert timing, result.stdout
+    setup, training, first, later, _, rest = map(float, timing.groups())
+    assert training == pytest.approx(first + later, abs=0.11) and rest > 0
+    assert training == pytest.approx(float(rows[-1]["seconds"]), abs=0.06)  # the CSV's training seconds
 
     record = json.loads((tmp_path / "out" / "results.json").read_text())
     assert record["config"]["num_k"] == 2 and record["config"]["method"] == "mcd"

@@ -229,6 +229,19 @@ def test_full_epoch_times_training_and_evaluation():
     assert result["projected_50_epochs_s"] == pytest.approx(result["epoch_s"][0] + 49 * result["epoch_s"][1])
 
 
+def test_evaluation_is_timed_per_chunk_size(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "REAL_SIZES", {"source_train": 8, "source_test": 30, "target_train": 8, "target_test": 20})
+    assert benchmark.main(["--device", "cpu", "--evaluation", "--eval-batch-sizes", "7,64", "--repeats", "2",
+                           "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["test_images"] == 50 and [row["chunk"] for row in record["evaluation"]] == [7, 64]
+    assert all(row["eval_s_median"] >= row["eval_s_min"] > 0 for row in record["evaluation"])
+    assert "| 64 |" in out
+    with pytest.raises(SystemExit):
+        benchmark.build_parser().parse_args(["--eval-batch-sizes", "0,2"])
+
+
 def test_synthetic_data_is_random_uint8_of_the_real_shapes():
     data = benchmark.synthetic_digits({"source_train": 50, "source_test": 5, "target_train": 40, "target_test": 5}, CPU)
     assert data.source_train.images.shape == (50, 3, 32, 32) and data.source_train.images.dtype == torch.uint8
