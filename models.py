@@ -84,6 +84,9 @@ class HeadPair(nn.Module):
 
     def __init__(self, f1: Classifier, f2: Classifier):
         super().__init__()
+        if not (isinstance(f1, Classifier) and isinstance(f2, Classifier)):
+            raise ValueError("HeadPair pairs the SVHN network's heads (models.Classifier), not "
+                             f"{type(f1).__name__} and {type(f2).__name__}")
         self.f1, self.f2 = f1, f2
 
     def stacked_weights(self, dtype: torch.dtype) -> list[StackedLinear]:

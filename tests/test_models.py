@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-import torch
-
 import copy
 
-from models import Classifier, Generator, HeadPair, build_models
+import pytest
+import torch
+
+from models import Classifier, Generator, HeadPair, LeNetClassifier, build_models
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -62,3 +63,5 @@ def test_head_pair_computes_f1_and_f2_with_their_own_parameters_and_statistics()
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), name
         for name, buffer in head.named_buffers():
             assert torch.allclose(buffer.float(), copied.get_buffer(name).float()), name
+    with pytest.raises(ValueError, match="SVHN network's heads"):
+        HeadPair(LeNetClassifier(), LeNetClassifier())
