@@ -185,6 +185,7 @@ def time_evaluation(config: Config, chunk_sizes: list[int], repeats: int, sizes:
     at each chunk size: the median of `repeats` timed passes after an untimed one (autotuning)."""
     sizes = {**(sizes or REAL_SIZES), "source_train": config.batch_size, "target_train": config.batch_size}
     device, data, [lane] = _setup(config, sizes)
+    images = len(data.source_test) + len(data.target_test)
     rows = []
     for chunk in chunk_sizes:
         evaluate_all(lane.step.model, data, chunk)
@@ -193,10 +194,9 @@ def time_evaluation(config: Config, chunk_sizes: list[int], repeats: int, sizes:
             with Timer(device) as timer:
                 evaluate_all(lane.step.model, data, chunk)
             seconds.append(timer.seconds)
-        images = len(data.source_test) + len(data.target_test)
         rows.append({"chunk": chunk, "eval_s_median": statistics.median(seconds), "eval_s_min": min(seconds),
                      "images_per_s": images / statistics.median(seconds)})
-    return {"test_images": len(data.source_test) + len(data.target_test), "evaluation": rows, **_memory(device)}
+    return {"test_images": images, "evaluation": rows, **_memory(device)}
 
 
 # --profile: kernel (on a CPU: operator) names, lower-cased, to the groups of the table; first match wins.
@@ -379,13 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         return sweep(args, device)
     source, target = NETWORKS[args.network]
+    speed = resolve_speed(args, device, parser, architecture_for(source, target))
     config = Config(method=args.method, batch_size=args.batch_size, num_k=args.num_k, device=device, source=source,
-                    target=target, **resolve_speed(args, device, parser, architecture_for(source, target)))
+                    target=target, **speed)
     on_cuda = device.startswith("cuda")
     header = {**environment(torch.device(device)), "method": config.method, "network": args.network,
-              "batch_size": config.batch_size, "num_k": config.num_k, "precision": config.precision,
-              "cuda_graph": config.cuda_graph, "compile": config.compile, "compile_step": config.compile_step, "channels_last": config.channels_last,
-              "graph_bookkeeping": config.graph_bookkeeping, "paired_heads": config.paired_heads}
+              "batch_size": config.batch_size, "num_k": config.num_k, **speed}
     print(f"# {header['device']} | torch {header['torch']} | {config.method}, {args.network} network, batch "
           f"{config.batch_size} + {config.batch_size}, num_k {config.num_k} | {speed_label(config)}"
           + (f" | {args.seeds} seeds side by side" if args.seeds > 1 else ""), flush=True)
