@@ -269,7 +269,7 @@ def _train_runs(started: list[tuple[Config, dict | None, list[dict]]]) -> None:
 
 def timing_line(setup: float, epoch_seconds: list[float], rest: float, capture: float) -> str:
     """Where this process's time went, start-up and warm-up apart from steady training: setup (data,
-    models, checkpoint read), training (the first epoch holds the warm-up: cuDNN autotuning, compilation,
+    models, a checkpoint restored into them), training (the first epoch holds the warm-up: cuDNN autotuning, compilation,
     graph capture), evaluation and checkpoints (incl. waiting for the last write). Seconds."""
     line = (f"time in this process: setup {setup:.1f} s; training {sum(epoch_seconds):.1f} s over "
             f"{len(epoch_seconds)} epoch{'s' if len(epoch_seconds) > 1 else ''} (first {epoch_seconds[0]:.1f} s")

@@ -19,6 +19,7 @@ import benchmark
 from main import build_parser, resolve_speed
 from algorithms import MCD, SourceOnly, discrepancy
 from config import Config, configure_backends
+from datasets import image_format
 from iteration import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,12 +27,15 @@ CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _run_iterations(config: Config, iterations: int, batch_size: int, seed: int = 0, shape=(3, 32, 32)):
-    """Trains `iterations` steps on fixed synthetic data; returns the per-step losses and the model."""
+def _run_iterations(config: Config, iterations: int, batch_size: int, seed: int = 0):
+    """Trains `iterations` steps on fixed synthetic data of the pair's image format; returns the per-step
+    losses and the model."""
     device = torch.device(config.device)
     configure_backends(config)
+    fmt = image_format(config.source, config.target)
     data = benchmark.synthetic_digits({"source_train": 4 * batch_size, "target_train": 4 * batch_size,
-                                       "source_test": 1, "target_test": 1}, device, seed=seed, shape=shape)
+                                       "source_test": 1, "target_test": 1}, device, seed=seed,
+                                      shape=(fmt.channels, fmt.size, fmt.size))
     torch.manual_seed(seed)
     model = (MCD if config.method == "mcd" else SourceOnly)(config, device)
     model.train_mode(True)
@@ -181,8 +185,8 @@ def test_compiling_whole_steps_computes_the_same_steps(monkeypatch):
 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     base = Config(source="mnist", target="usps", batch_size=8, num_k=1)
-    eager, _, _ = _run_iterations(base, 2, batch_size=8, shape=(1, 28, 28))
-    compiled, model, _ = _run_iterations(replace(base, compile=True, compile_step=True), 2, batch_size=8, shape=(1, 28, 28))
+    eager, _, _ = _run_iterations(base, 2, batch_size=8)
+    compiled, model, _ = _run_iterations(replace(base, compile=True, compile_step=True), 2, batch_size=8)
     assert model.g is model.G and all(hasattr(getattr(model, name), "_torchdynamo_orig_callable") for name in MCD.STEP_PASSES)
     _close(eager, compiled, rel_first=2e-4, rel_later=1e-2)
 
