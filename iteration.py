@@ -202,7 +202,13 @@ class TrainStep:
         start = time.perf_counter()
         self.static_s, self.static_t = s.clone(), t.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # stream: this step's own (each seed has one), not the capture stream torch.cuda.graph shares
+        # across the process. cuBLAS keeps a workspace per (handle, stream) and a graph bakes in the one
+        # it captured with, so graphs captured on one shared stream would share a workspace and seeds
+        # replaying concurrently could overwrite each other's split-K partial sums.
+        # thread_local: the checkpoint writer thread waits on a CUDA event (CheckpointWriter._write); in
+        # the default global mode such a call from another thread during the capture invalidates it.
+        with torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"):
             self.static_losses = self.iteration(self.static_s, self.static_t)
         self.graph = graph
         synchronize(self.model.device)

@@ -166,27 +166,28 @@ def test_channels_last_computes_the_same_training_steps():
     _close(plain, nhwc, rel_first=2e-4, rel_later=1e-2)
 
 
-def test_compiled_training_computes_the_same_steps(monkeypatch):
+def test_compiled_training_computes_the_same_steps():
     # Inductor draws dropout masks with its own generator; fallback_random makes it use eager's, so the
-    # two runs see the same masks and must give the same losses and weights.
+    # two runs see the same masks and must give the same losses and weights. torch's own config.patch:
+    # monkeypatch.setattr on torch's config modules leaves the option unreachable once undone.
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     config = Config(method="source_only", batch_size=8)
     eager, _, _ = _run_iterations(config, 3, batch_size=8)
-    compiled, _, _ = _run_iterations(Config(method="source_only", batch_size=8, compile=True), 3, batch_size=8)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled, _, _ = _run_iterations(Config(method="source_only", batch_size=8, compile=True), 3, batch_size=8)
     _close(eager, compiled, rel_first=2e-4, rel_later=1e-2)
 
 
-def test_compiling_whole_steps_computes_the_same_steps(monkeypatch):
+def test_compiling_whole_steps_computes_the_same_steps():
     # --compile step: each step's passes and loss compiled as one function (the LeNet network and
     # num_k 1 keep the three compilations short); same masks as eager through fallback_random.
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     base = Config(source="mnist", target="usps", batch_size=8, num_k=1)
     eager, _, _ = _run_iterations(base, 2, batch_size=8)
-    compiled, model, _ = _run_iterations(replace(base, compile=True, compile_step=True), 2, batch_size=8)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled, model, _ = _run_iterations(replace(base, compile=True, compile_step=True), 2, batch_size=8)
     assert model.g is model.G and all(hasattr(getattr(model, name), "_torchdynamo_orig_callable") for name in MCD.STEP_PASSES)
     _close(eager, compiled, rel_first=2e-4, rel_later=1e-2)
 
@@ -298,13 +299,13 @@ def test_cuda_bf16_graph_follows_fp32():
 
 @needs_cuda
 @pytest.mark.parametrize("compile_step", [False, True], ids=["modules", "step"])
-def test_cuda_compiled_graph_follows_eager(monkeypatch, compile_step):
+def test_cuda_compiled_graph_follows_eager(compile_step):
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     eager, _, _ = _run_iterations(Config(batch_size=32, device="cuda"), 6, batch_size=32)
     compiled_config = Config(batch_size=32, device="cuda", cuda_graph=True, compile=True, compile_step=compile_step)
-    compiled, _, step = _run_iterations(compiled_config, 6, batch_size=32)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled, _, step = _run_iterations(compiled_config, 6, batch_size=32)
     assert step.graph is not None
     _close(eager, compiled, rel_first=1e-3, rel_later=5e-2)  # inductor's own rounding: 1.3% seen on an H100
 
