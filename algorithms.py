@@ -1,16 +1,22 @@
-"""The MCD algorithm (Saito et al., CVPR 2018) and its source-only baseline: what a researcher edits.
+"""The methods: MCD (Saito et al., CVPR 2018), its source-only baseline and DANN: what a researcher edits.
 
-One iteration on a source batch (xs, ys) and a target batch xt:
+MCD, one iteration on a source batch (xs, ys) and a target batch xt:
   A. train G, F1, F2 to classify the source:        min CE(F1(G(xs)), ys) + CE(F2(G(xs)), ys)
   B. G fixed, the heads disagree on the target:     min_{F1,F2} source CE - d(F1(G(xt)), F2(G(xt)))
   C. heads fixed, G removes the disagreement:       min_G d(F1(G(xt)), F2(G(xt))), num_k times
 Source and target always go through G in separate forward passes, so BatchNorm sees per-domain batch
 statistics, as in the original code.
 
-An algorithm owns G, F1, F2 and their optimisers; update(xs, ys, xt) runs one iteration and returns a
-dict of on-device losses (DomainBed's shape). Speed switches never change what is computed: bf16
-autocast for convolutions and matrix products with softmax, cross-entropy and d in fp32 (fp32 is
-exact: TF32 off), fused Adam on CUDA; see iteration.py for the CUDA graph around update().
+The contract every method follows (DomainBed's): a method is an nn.Module built as
+Method(config, device, total_iterations) that owns its networks (as submodules, so its state_dict holds
+them all) and its optimisers (self.optimizers, by name). update(xs, ys, xt) runs one training iteration
+and returns a dict of on-device losses, whose keys are among the method's LOSSES: the CSV's loss
+columns, in order. Checkpoints save and restore state_dict() and every optimiser, whatever they are.
+A new method is one class here plus its line in ALGORITHMS. For update() to run inside a CUDA graph it
+must keep to iteration.TrainStep's rules (no host reads, fixed shapes, state changed in place).
+
+Numerics: bf16 autocast (when configured) for convolutions and matrix products; softmax,
+cross-entropy and d in fp32; fp32 is exact (TF32 off); fused Adam on CUDA.
 """
 
 from __future__ import annotations
@@ -26,10 +32,7 @@ from torch import nn
 
 from config import Config
 from datasets import DigitsSplit, to_model_input
-from models import HeadPair, StackedLinear, architecture_for, build_models
-
-DISCREPANCIES = ("l1", "swd")  # MCD.discrepancy picks one by name
-
+from models import architecture_for, build_models
 
 def discrepancy(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
     """d(p1, p2): mean over batch and classes of |softmax(p1) - softmax(p2)|, computed in fp32."""
@@ -64,52 +67,36 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-class SourceOnly:
-    """G, F1 and F2 trained on the labelled source only (step A alone): the paper's baseline row."""
+class SourceOnly(nn.Module):
+    """G, F1 and F2 trained on the labelled source only (step A alone): the paper's baseline row. The
+    base of the other methods: the networks, their optimisers, the forward passes and the evaluation."""
 
-    # Each step's forward passes and loss, from its inputs: what --compile step compiles as one function
-    # (one forward and one backward graph per step); the optimiser steps stay outside.
-    STEP_PASSES: tuple[str, ...] = ("source_pass",)
+    # MCD's columns: the baseline's rows line up with MCD's, its discrepancies left empty.
+    LOSSES: tuple[str, ...] = ("loss_source", "discrepancy_b", "discrepancy_c")
 
-    def __init__(self, config: Config, device: torch.device):
+    def __init__(self, config: Config, device: torch.device, total_iterations: int):
+        super().__init__()
         self.config, self.device = config, device
         self.G, self.F1, self.F2 = build_models(device, architecture_for(config.source, config.target),
                                                 config.batchnorm_init)
         if config.channels_last:
             self.G.to(memory_format=torch.channels_last)
-        # The training forward passes, compiled when asked: the modules (--compile on), or each step's
-        # passes with their loss as one function (--compile step, see STEP_PASSES). Evaluation calls the
-        # eager modules: other batch shapes and eval mode would each cost a recompilation for a few
-        # milliseconds of work.
-        compile_modules = config.compile and not config.compile_step
-        self.g, self.f1, self.f2 = (torch.compile(m) if compile_modules else m for m in self.modules)
-        # --paired-heads: F1 and F2 in one batched pass (SVHN network); their stacked weights are made per step.
-        self.pair = HeadPair(self.F1, self.F2) if config.paired_heads else None
-        self.paired = torch.compile(self.pair) if compile_modules and self.pair else self.pair
-        if config.compile and config.compile_step:
-            for name in self.STEP_PASSES:
-                setattr(self, name, torch.compile(getattr(self, name)))
+        # Training forward passes, compiled when asked (a tuple: not registered as submodules twice).
+        # Evaluation calls the eager modules: other batch shapes and eval mode would each cost a
+        # recompilation for a few milliseconds of work.
+        self.passes = tuple(torch.compile(m) if config.compile else m for m in (self.G, self.F1, self.F2))
         # One Adam for G and one for both heads; Adam is per-parameter, so this equals the original's
         # separate optimisers for F1 and F2. weight_decay is Adam's L2 term, as in the original.
-        # On CUDA the fused kernel (same update, one launch per step); capturable keeps the step count
-        # on the device so the update can be replayed inside a CUDA graph.
-        adam = functools.partial(
-            torch.optim.Adam,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            fused=True if device.type == "cuda" else None,
-            capturable=config.cuda_graph,
-        )
-        self.opt_g = adam(self.G.parameters())
-        self.opt_f = adam(chain(self.F1.parameters(), self.F2.parameters()))
+        self.opt_g = self.adam(self.G.parameters())
+        self.opt_f = self.adam(chain(self.F1.parameters(), self.F2.parameters()))
+        self.optimizers = {"G": self.opt_g, "F": self.opt_f}
 
-    @property
-    def modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
-        return self.G, self.F1, self.F2
-
-    def train_mode(self, mode: bool = True) -> None:
-        for module in self.modules:
-            module.train(mode)
+    def adam(self, parameters) -> torch.optim.Adam:
+        """The paper's optimiser. On CUDA the fused kernel (same update, one launch per step);
+        capturable keeps the step count on the device so the update can be replayed in a CUDA graph."""
+        return torch.optim.Adam(parameters, lr=self.config.lr, weight_decay=self.config.weight_decay,
+                                fused=True if self.device.type == "cuda" else None,
+                                capturable=self.config.cuda_graph)
 
     def autocast(self) -> torch.autocast:
         """bf16 convolutions and matrix products when precision is bf16; a no-op otherwise. Losses take
@@ -127,32 +114,20 @@ class SourceOnly:
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, features): 3072 for the SVHN network, 768 for the USPS one: G's training forward pass."""
         with self.autocast():
-            return self.g(x)
+            return self.passes[0](x)
 
-    def head_weights(self) -> list[StackedLinear] | None:
-        """With paired heads, F1's and F2's weights stacked (and cast) for one step's forward passes; None
-        otherwise. Made after the last optimiser step that changed the heads."""
-        if self.pair is None:
-            return None
-        return self.pair.stacked_weights(torch.bfloat16 if self.config.precision == "bf16" else torch.float32)
-
-    def heads(self, features: torch.Tensor, weights: list[StackedLinear] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, features) -> the logits of F1 and F2, each (B, 10); weights: head_weights() of this step (paired heads)."""
+    def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, features) -> the logits of F1 and F2, each (B, 10)."""
         with self.autocast():
-            if weights is not None:
-                return self.paired(features, weights)
-            return self.f1(features), self.f2(features)
+            return self.passes[1](features), self.passes[2](features)
 
     def source_loss(self, logits: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Both heads' source cross-entropy, in fp32."""
         return F.cross_entropy(logits[0].float(), labels) + F.cross_entropy(logits[1].float(), labels)
-
-    def source_pass(self, xs: torch.Tensor, ys: torch.Tensor, weights: list[StackedLinear] | None) -> torch.Tensor:
-        """Step A's loss: both heads' source cross-entropy."""
-        return self.source_loss(self.heads(self.features(xs), weights), ys)
 
     def step_a(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """A: G, F1, F2 minimise the source cross-entropy of both heads."""
-        loss = self.source_pass(xs, ys, self.head_weights())
+        loss = self.source_loss(self.heads(self.features(xs)), ys)
         self.opt_g.zero_grad()
         self.opt_f.zero_grad()
         loss.backward()
@@ -166,9 +141,9 @@ class SourceOnly:
 
     @torch.inference_mode()
     def eval_passes(self, images: torch.Tensor, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Eval-mode passes over (N, 3, 32, 32) uint8 images in chunks: (features (n, 3072), logits1 (n, 10),
-        logits2 (n, 10)) per chunk, logits in fp32. The modules are back in training mode afterwards."""
-        self.train_mode(False)
+        """Eval-mode passes over (N, C, H, W) uint8 images in chunks: (features (n, 3072), logits1 (n, 10),
+        logits2 (n, 10)) per chunk, logits in fp32. The networks are back in training mode afterwards."""
+        self.eval()
         try:
             for start in range(0, len(images), chunk_size):
                 x = self.inputs(images[start : start + chunk_size])
@@ -177,7 +152,7 @@ class SourceOnly:
                     logits1, logits2 = self.F1(features).float(), self.F2(features).float()
                 yield features, logits1, logits2
         finally:
-            self.train_mode(True)
+            self.train()
 
     def predictions(self, split: DigitsSplit, chunk_size: int) -> torch.Tensor:
         """(3, N) predicted classes of F1, F2 and the ensemble argmax(logits1 + logits2), one G pass each."""
@@ -194,8 +169,6 @@ class SourceOnly:
 class MCD(SourceOnly):
     """Maximum Classifier Discrepancy: step A, then B (heads maximise d), then C (G minimises d)."""
 
-    STEP_PASSES = ("source_pass", "heads_pass", "target_pass")
-
     def discrepancy(self, logits: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The configured d between the heads' logits; SWD draws fresh directions on every call."""
         if self.config.discrepancy == "swd":
@@ -203,22 +176,14 @@ class MCD(SourceOnly):
             return sliced_wasserstein_discrepancy(*logits, directions)
         return discrepancy(*logits)
 
-    def heads_pass(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, weights: list[StackedLinear] | None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step B's terms: the heads' source CE and their discrepancy on the target."""
+    def step_b(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        """B: with G fixed, F1 and F2 minimise source CE - d on the target."""
         # G is fixed, so its outputs are constants: no graph through G, no wasted backward.
         # Training mode still applies dropout and updates G's BatchNorm statistics, as the original.
         with torch.no_grad():
             features_s, features_t = self.features(xs), self.features(xt)
-        return self.source_loss(self.heads(features_s, weights), ys), self.discrepancy(self.heads(features_t, weights))
-
-    def target_pass(self, xt: torch.Tensor, weights: list[StackedLinear] | None) -> torch.Tensor:
-        """Step C's loss: the heads' discrepancy on the target."""
-        return self.discrepancy(self.heads(self.features(xt), weights))
-
-    def step_b(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-        """B: with G fixed, F1 and F2 minimise source CE - d on the target."""
-        source_loss, d = self.heads_pass(xs, ys, xt, self.head_weights())
+        source_loss = self.source_loss(self.heads(features_s), ys)
+        d = self.discrepancy(self.heads(features_t))  # the target pass last: BatchNorm's last statistics
         loss = source_loss - d
         self.opt_f.zero_grad()
         loss.backward()
@@ -229,9 +194,8 @@ class MCD(SourceOnly):
         """C: with F1, F2 fixed, G minimises d on the target, num_k times (a new dropout mask each)."""
         total = torch.zeros((), device=xt.device)
         with frozen(self.F1, self.F2):
-            weights = self.head_weights()  # constants here: the heads do not change in step C
             for _ in range(self.config.num_k):
-                d = self.target_pass(xt, weights)
+                d = self.discrepancy(self.heads(self.features(xt)))
                 self.opt_g.zero_grad()
                 d.backward()
                 self.opt_g.step()
@@ -246,5 +210,59 @@ class MCD(SourceOnly):
         }
 
 
-ALGORITHMS = {"mcd": MCD, "source_only": SourceOnly}  # --method NAME
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; the gradient times -strength backward (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(strength)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (strength,) = ctx.saved_tensors
+        return -strength.to(grad.dtype) * grad, None
+
+
+class DANN(SourceOnly):
+    """Domain-adversarial training (Ganin & Lempitsky, ICML 2015): a domain discriminator D on G's
+    features learns source (0) from target (1); through a gradient reversal layer G learns to fool it,
+    while both heads learn the source labels as in source_only (so the accuracy columns mean the same).
+    The reversal's strength follows the paper's schedule 2 / (1 + exp(-10 p)) - 1, p the share of the
+    run's iterations done (kept on the device and in the checkpoint). Optimiser: the same Adam as MCD."""
+
+    LOSSES = ("loss_source", "loss_domain")
+
+    def __init__(self, config: Config, device: torch.device, total_iterations: int):
+        super().__init__(config, device, total_iterations)
+        features = next(m for m in self.F1.modules() if isinstance(m, nn.Linear)).in_features  # G's output size
+        self.D = nn.Sequential(  # the paper's SVHN discriminator: two hidden layers of 1024
+            nn.Linear(features, 1024), nn.ReLU(inplace=True),
+            nn.Linear(1024, 1024), nn.ReLU(inplace=True),
+            nn.Linear(1024, 1),
+        ).to(device)
+        self.opt_d = self.adam(self.D.parameters())
+        self.optimizers["D"] = self.opt_d
+        self.total_iterations = max(total_iterations, 1)
+        self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long, device=device))
+
+    def update(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> dict[str, torch.Tensor]:
+        progress = (self.iterations_done.float() / self.total_iterations).clamp(max=1.0)
+        strength = 2.0 / (1.0 + torch.exp(-10.0 * progress)) - 1.0
+        features_s, features_t = self.features(xs), self.features(xt)  # (B, features) each
+        source_loss = self.source_loss(self.heads(features_s), ys)
+        with self.autocast():
+            domain_logits = self.D(GradientReversal.apply(torch.cat([features_s, features_t]), strength))  # (2B, 1)
+        domains = torch.cat([torch.zeros(len(xs), device=xs.device), torch.ones(len(xt), device=xt.device)])
+        domain_loss = F.binary_cross_entropy_with_logits(domain_logits.float().squeeze(1), domains)
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad()
+        (source_loss + domain_loss).backward()
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+        self.iterations_done += 1
+        return {"loss_source": source_loss.detach(), "loss_domain": domain_loss.detach()}
+
+
+ALGORITHMS = {"mcd": MCD, "source_only": SourceOnly, "dann": DANN}  # --method NAME
 METHODS = tuple(ALGORITHMS)

@@ -25,17 +25,17 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from datasets import Digits, DigitsSplit, image_format
 from algorithms import ALGORITHMS, METHODS
-from config import PRECISIONS, Config, configure_backends, device_name, speed_label, synchronize
+from config import (PRECISIONS, Config, SettingError, batch_images, configure_backends, device_name, positive_int,
+                    resolve, speed_label, switch, synchronize)
+from datasets import BatchStream, Digits, DigitsSplit, image_format
 from iteration import Lane, SeedRandomness, TrainStep
-from main import SWITCH, HelpFormatter, _batch_size, _positive_int, resolve_device, resolve_speed
-from models import architecture_for
+from main import HelpFormatter
 from train import batch_streams, evaluate_all, train_epoch
 
 # Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
@@ -44,27 +44,19 @@ REAL_SIZES = {"source_train": 73_257, "source_test": 26_032, "target_train": 60_
 NETWORKS = {"svhn": ("svhn", "mnist"), "lenet": ("mnist", "usps")}
 
 # --sweep: each variant's switches in SWEEP_FLAGS order, slowest first; each change to the default
-# (bf16, graph, channels_last) is also timed alone, then the candidates together.
-SWEEP_FLAGS = {"precision": "", "cuda-graph": "graph", "compile": "compile", "channels-last": "channels_last",
-               "graph-bookkeeping": "bookkeeping", "paired-heads": "paired heads"}  # flag: its name in the table
+# (bf16, graph, channels_last) is also timed alone, then compile on top.
+SWEEP_FLAGS = {"precision": "", "cuda-graph": "graph", "compile": "compile", "channels-last": "channels_last"}  # flag: its name in the table
 SWEEP_CUDA = (
-    ("fp32", "off", "off", "off", "off", "off"),
-    ("bf16", "off", "off", "off", "off", "off"),
-    ("fp32", "on", "off", "off", "off", "off"),
-    ("tf32", "on", "off", "off", "off", "off"),
-    ("bf16", "on", "off", "off", "off", "off"),
-    ("bf16", "on", "off", "on", "off", "off"),  # the default
-    ("bf16", "on", "off", "on", "on", "off"),
-    ("bf16", "on", "off", "on", "off", "on"),
-    ("bf16", "on", "on", "off", "off", "off"),
-    ("bf16", "on", "on", "on", "off", "off"),
-    ("bf16", "on", "step", "on", "off", "off"),
-    ("bf16", "on", "off", "on", "on", "on"),
-    ("bf16", "on", "on", "on", "on", "on"),
-    ("bf16", "on", "step", "on", "on", "on"),
+    ("fp32", "off", "off", "off"),
+    ("bf16", "off", "off", "off"),
+    ("fp32", "on", "off", "off"),
+    ("tf32", "on", "off", "off"),
+    ("bf16", "on", "off", "off"),
+    ("bf16", "on", "off", "on"),  # the default
+    ("bf16", "on", "on", "off"),
+    ("bf16", "on", "on", "on"),
 )
-SWEEP_CPU = (("fp32", "off", "off", "off", "off", "off"), ("bf16", "off", "off", "off", "off", "off"),
-             ("fp32", "off", "off", "off", "off", "on"))
+SWEEP_CPU = (("fp32", "off", "off", "off"), ("bf16", "off", "off", "off"))
 
 
 def synthetic_digits(sizes: dict[str, int], device: torch.device, seed: int = 0,
@@ -103,37 +95,50 @@ class Timer:
             self.seconds = time.perf_counter() - self.start
 
 
-def _setup(config: Config, sizes: dict[str, int], seeds: int = 1) -> tuple[torch.device, Digits, list[Lane]]:
-    """Synthetic data and one Lane per seed (config.seed, config.seed + 1, ...), built as main.py builds
+@dataclass
+class TimedRun:
+    """What train.train_epoch needs of a run: its training step, batch streams and lane (no files)."""
+
+    step: TrainStep
+    streams: tuple[BatchStream, BatchStream]
+    lane: Lane
+    epoch: int = 0
+
+    def stopped(self, cause: str) -> Exception:
+        return RuntimeError(f"benchmark: {cause}")
+
+
+def _setup(config: Config, sizes: dict[str, int], seeds: int = 1) -> tuple[torch.device, Digits, list[TimedRun]]:
+    """Synthetic data and one run per seed (config.seed, config.seed + 1, ...), built as main.py builds
     them: alone, a plain lane; several, side by side with their own generators and CUDA streams."""
     device = torch.device(config.device)
     configure_backends(config)
     fmt = image_format(config.source, config.target)
     data = synthetic_digits(sizes, device, shape=(fmt.channels, fmt.size, fmt.size))
-    lanes = []
+    runs = []
     for seed in range(config.seed, config.seed + seeds):
         seeded = replace(config, seed=seed)
         torch.manual_seed(seed)
-        model = ALGORITHMS[config.method](seeded, device)
-        model.train_mode(True)
-        lanes.append(Lane(TrainStep(model, data.source_train, data.target_train), batch_streams(data, seeded),
-                          SeedRandomness(device) if seeds > 1 else None))
-    return device, data, lanes
+        model = ALGORITHMS[config.method](seeded, device, 1)
+        model.train()
+        runs.append(TimedRun(TrainStep(model, data.source_train, data.target_train), batch_streams(data, seeded),
+                             Lane(device, SeedRandomness(device) if seeds > 1 else None)))
+    return device, data, runs
 
 
 def time_iterations(config: Config, iters: int, repeats: int, warmup: int, seeds: int = 1) -> dict:
     """ms per training iteration: `repeats` timed runs of `iters` iterations after `warmup` untimed ones.
     With several seeds an iteration is one of every seed (a round); per seed-iteration is that / seeds."""
     sizes = {name: 8 * config.batch_size for name in REAL_SIZES}  # a few batches: shapes are what count
-    device, data, lanes = _setup(config, sizes, seeds)
+    device, data, runs = _setup(config, sizes, seeds)
     with Timer(device) as setup:  # includes compilation and the graph capture
-        train_epoch(lanes, max(warmup, TrainStep.WARMUP + 2), desc="warm-up")
+        train_epoch(runs, max(warmup, TrainStep.WARMUP + 2), desc="warm-up")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = []
     for _ in range(repeats):
         with Timer(device) as timer:
-            losses = train_epoch(lanes, iters, desc="timed")
+            losses = train_epoch(runs, iters, desc="timed")
         ms.append(1000 * timer.seconds / iters)
     return {
         "seeds": seeds,
@@ -146,7 +151,7 @@ def time_iterations(config: Config, iters: int, repeats: int, warmup: int, seeds
         "iters": iters,
         "repeats": repeats,
         "setup_s": setup.seconds,
-        "capture_s": sum(lane.step.capture_seconds for lane in lanes),
+        "capture_s": sum(run.step.capture_seconds for run in runs),
         "final_losses": losses[0],  # the first seed's
         **({"final_losses_per_seed": losses} if seeds > 1 else {}),
         **_memory(device),
@@ -156,14 +161,14 @@ def time_iterations(config: Config, iters: int, repeats: int, warmup: int, seeds
 def time_full_epochs(config: Config, sizes: dict[str, int] = REAL_SIZES, epochs: int = 2) -> dict:
     """Whole epochs at the real dataset sizes, training and evaluation each timed; the first epoch
     includes warm-up, compilation and capture. The 50-epoch figure is epoch 1 + 49 later epochs."""
-    device, data, [lane] = _setup(config, sizes)
+    device, data, [run] = _setup(config, sizes)
     iterations = min(sizes["source_train"], sizes["target_train"]) // config.batch_size
     train_s, eval_s = [], []
     for epoch in range(epochs):
         with Timer(device) as train_timer:
-            train_epoch([lane], iterations, desc=f"epoch {epoch + 1}")
+            train_epoch([run], iterations, desc=f"epoch {epoch + 1}")
         with Timer(device) as eval_timer:
-            evaluate_all(lane.step.model, data, config.eval_batch_size)
+            evaluate_all(run.step.model, data, config.eval_batch_size)
         train_s.append(train_timer.seconds)
         eval_s.append(eval_timer.seconds)
     epoch_s = [t + e for t, e in zip(train_s, eval_s)]
@@ -175,7 +180,7 @@ def time_full_epochs(config: Config, sizes: dict[str, int] = REAL_SIZES, epochs:
         "epoch_s": epoch_s,
         "ms_per_iter_epoch_2": 1000 * train_s[-1] / iterations,
         "projected_50_epochs_s": epoch_s[0] + 49 * later,
-        "capture_s": lane.step.capture_seconds,
+        "capture_s": run.step.capture_seconds,
         **_memory(device),
     }
 
@@ -184,15 +189,15 @@ def time_evaluation(config: Config, chunk_sizes: list[int], repeats: int, sizes:
     """The per-epoch evaluation (evaluate_all: the source and target test sets, real sizes by default)
     at each chunk size: the median of `repeats` timed passes after an untimed one (autotuning)."""
     sizes = {**(sizes or REAL_SIZES), "source_train": config.batch_size, "target_train": config.batch_size}
-    device, data, [lane] = _setup(config, sizes)
+    device, data, [run] = _setup(config, sizes)
     images = len(data.source_test) + len(data.target_test)
     rows = []
     for chunk in chunk_sizes:
-        evaluate_all(lane.step.model, data, chunk)
+        evaluate_all(run.step.model, data, chunk)
         seconds = []
         for _ in range(repeats):
             with Timer(device) as timer:
-                evaluate_all(lane.step.model, data, chunk)
+                evaluate_all(run.step.model, data, chunk)
             seconds.append(timer.seconds)
         rows.append({"chunk": chunk, "eval_s_median": statistics.median(seconds), "eval_s_min": min(seconds),
                      "images_per_s": images / statistics.median(seconds)})
@@ -223,13 +228,13 @@ def profile_iterations(config: Config, iters: int, warmup: int, trace: Path, top
     the device time of every kernel (on a CPU: every operator's own time), grouped, per iteration and as
     a share of the total; the trace for chrome://tracing or Perfetto goes to `trace`."""
     sizes = {name: 8 * config.batch_size for name in REAL_SIZES}
-    device, _, lanes = _setup(config, sizes)
-    train_epoch(lanes, max(warmup, TrainStep.WARMUP + 2), desc="warm-up")
+    device, _, runs = _setup(config, sizes)
+    train_epoch(runs, max(warmup, TrainStep.WARMUP + 2), desc="warm-up")
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as profiler:
-        train_epoch(lanes, iters, desc="profiled")
+        train_epoch(runs, iters, desc="profiled")
         synchronize(device)
     wall_ms = 1000 * (time.perf_counter() - start) / iters
     trace.parent.mkdir(parents=True, exist_ok=True)
@@ -301,20 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--method", choices=METHODS, default="mcd")
     add("--network", choices=NETWORKS, default="svhn",
         help="svhn: the SVHN -> MNIST network (3x32x32); lenet: the MNIST <-> USPS one (1x28x28)")
-    add("--seeds", type=_positive_int, default=1, metavar="K",
+    add("--seeds", type=positive_int, default=1, metavar="K",
         help="time K seeds side by side in one process, as main.py --parallel-seeds K: ms per round of all K "
              "and per seed-iteration")
-    add("--batch-size", type=_batch_size, default=128, help="images per domain per iteration")
-    add("--num-k", type=_positive_int, default=4, help="generator updates (step C) per iteration")
-    add("--iters", type=_positive_int, default=None, help="timed iterations per repeat (default: 100 on CUDA, 3 on CPU)")
-    add("--repeats", type=_positive_int, default=3, help="timed repeats; the median is reported")
-    add("--warmup", type=_positive_int, default=10, help="untimed iterations first (at least the graph warm-up + 2)")
+    add("--batch-size", type=batch_images, default=128, help="images per domain per iteration")
+    add("--num-k", type=positive_int, default=4, help="generator updates (step C) per iteration")
+    add("--iters", type=positive_int, default=None, help="timed iterations per repeat (default: 100 on CUDA, 3 on CPU)")
+    add("--repeats", type=positive_int, default=3, help="timed repeats; the median is reported")
+    add("--warmup", type=positive_int, default=10, help="untimed iterations first (at least the graph warm-up + 2)")
     add("--precision", choices=("auto", *PRECISIONS), default="auto", help="as main.py")
-    add("--cuda-graph", choices=SWITCH, default="auto", help="as main.py")
-    add("--compile", choices=(*SWITCH, "step"), default="auto", help="as main.py")
-    add("--channels-last", choices=SWITCH, default="auto", help="as main.py")
-    add("--graph-bookkeeping", choices=SWITCH, default="auto", help="as main.py")
-    add("--paired-heads", choices=SWITCH, default="auto", help="as main.py")
+    for flag in ("--cuda-graph", "--compile", "--channels-last"):
+        add(flag, type=switch, default=None, metavar="{auto,on,off}", help="as main.py (default: auto)")
     add("--full-epoch", action="store_true", help="time real-size epochs with evaluation instead")
     add("--profile", action="store_true",
         help="profile --iters iterations (default: 20 on CUDA, 2 on CPU) instead: device time by kernel group, a trace")
@@ -371,19 +373,22 @@ def sweep(args: argparse.Namespace, device: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = resolve_device(args.device, parser)
     if sum((args.profile, args.full_epoch, args.sweep, args.evaluation)) > 1:
         parser.error("--profile, --full-epoch, --sweep and --evaluation are different measurements: choose one")
     if args.full_epoch and (args.network, args.seeds) != ("svhn", 1):
         parser.error("--full-epoch times one SVHN -> MNIST run at the real sizes: leave out --network and --seeds")
-    if args.sweep:
-        return sweep(args, device)
     source, target = NETWORKS[args.network]
-    speed = resolve_speed(args, device, parser, architecture_for(source, target))
-    config = Config(method=args.method, batch_size=args.batch_size, num_k=args.num_k, device=device, source=source,
-                    target=target, **speed)
-    on_cuda = device.startswith("cuda")
-    header = {**environment(torch.device(device)), "method": config.method, "network": args.network,
+    try:
+        config = resolve({"device": args.device, "method": args.method, "batch_size": args.batch_size,
+                          "num_k": args.num_k, "source": source, "target": target, "precision": args.precision,
+                          "cuda_graph": args.cuda_graph, "compile": args.compile, "channels_last": args.channels_last})
+    except SettingError as error:
+        parser.error(str(error))
+    if args.sweep:
+        return sweep(args, config.device)
+    on_cuda = config.device.startswith("cuda")
+    speed = {name: getattr(config, name) for name in ("precision", "cuda_graph", "compile", "channels_last")}
+    header = {**environment(torch.device(config.device)), "method": config.method, "network": args.network,
               "batch_size": config.batch_size, "num_k": config.num_k, **speed}
     print(f"# {header['device']} | torch {header['torch']} | {config.method}, {args.network} network, batch "
           f"{config.batch_size} + {config.batch_size}, num_k {config.num_k} | {speed_label(config)}"

@@ -1,6 +1,6 @@
 """Checkpoints: everything needed to continue a run exactly where its last finished epoch left it.
 
-A checkpoint sits beside the CSV (same stem, .pt) and holds the three networks, both optimisers, every
+A checkpoint sits beside the CSV (same stem, .pt) and holds the method's networks and optimisers, every
 random state (torch CPU and device, numpy, Python), both batch streams' positions, the config, the data
 files' checksums and every CSV row so far. It is written atomically (temp file in the same folder,
 fsync, rename), so a crash while saving leaves the previous one intact, and it is read back with
@@ -19,12 +19,7 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1
-# Config keys that change what a run computes: a resumed run must match its checkpoint on every one.
-# (epochs may grow to extend a run; paths, evaluation chunking and the speed switches other than
-# precision only change where files are or how fast the same arithmetic runs.)
-RESULT_KEYS = ("protocol", "method", "source", "target", "small_subsets", "discrepancy", "swd_projections", "batch_size",
-               "iters_per_epoch", "lr", "weight_decay", "num_k", "seed", "precision", "batchnorm_init", "deterministic")
-# Result keys added after checkpoints were first written, with the value every earlier run had.
+# Result settings added after checkpoints were first written, with the value every earlier run had.
 ADDED_LATER = {"protocol": "default", "batchnorm_init": "ones"}
 
 
@@ -108,10 +103,10 @@ def load_checkpoint(path: Path, flag: str = "--resume", verify: bool = True) -> 
     return checkpoint
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """The result-changing settings in which `current` differs from the checkpoint's config."""
+def config_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
+    """The result-changing settings (`keys`) in which `current` differs from the checkpoint's config."""
     saved = {**ADDED_LATER, **saved}
-    differences = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in RESULT_KEYS if saved.get(key) != current[key]]
+    differences = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in keys if saved.get(key) != current[key]]
     saved_device, device = torch.device(saved["device"]).type, torch.device(current["device"]).type
     if saved_device != device:  # the batch streams' generators and the RNG states are per device type
         differences.append(f"device {saved_device!r} -> {device!r}")

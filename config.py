@@ -1,79 +1,224 @@
-"""The settings of a run: one frozen Config, and what it sets up in the process and on the device.
+"""The settings of a run, declared once: the frozen Config, and what it sets up in the process.
 
-Built once by main.py (or benchmark.py) and passed down to every module; saved whole in results.json
-and in each checkpoint. The helpers below turn it into process-wide state (numerics, seeds) and
-describe the device it runs on.
+Each Config field is a setting: its default, help, flag group and whether it changes results. From
+these declarations main.py builds its parser, results.json and checkpoints save the Config whole,
+--resume compares every result-changing setting (result_settings()), and docs/settings.md holds the
+flag table (main.flag_table()). resolve() turns the flags given into a Config: it alone decides every
+default that depends on something else (--protocol, the device).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from datasets import DOMAINS
+from models import BATCHNORM_INITS
+
 PRECISIONS = ("fp32", "tf32", "bf16")
+DISCREPANCIES = ("l1", "swd")  # algorithms.MCD.discrepancy computes each
 PROTOCOLS = ("default", "original")
+GROUPS = ("run", "method", "data", "output", "speed")
 # The original code (mil-tokyo/MCD_DA) on SVHN -> MNIST: an epoch ends at the first incomplete batch of
 # its 55,000 MNIST images (55,000 // 128 = 429 iterations) and training stops once 20,000 iterations
 # are counted, i.e. after 47 epochs = 20,163 iterations.
 ORIGINAL_SVHN_SCHEDULE = {"epochs": 47, "iters_per_epoch": 429}
+# numpy takes seeds below 2**32 and the batch streams use 2 * seed + 1: this keeps every one valid.
+MAX_SEED = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsers for flag values: each raises argparse.ArgumentTypeError with what is wrong
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def batch_images(text: str) -> int:
+    value = int(text)
+    if value < 2:  # BatchNorm needs two images to take batch statistics
+        raise argparse.ArgumentTypeError(f"must be at least 2 (BatchNorm needs a batch), got {value}")
+    return value
+
+
+def seed_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {value}")
+    return value
+
+
+def switch(text: str) -> bool | None:
+    """on / off / auto -> True / False / None (None: resolve() decides for the device)."""
+    choices = {"on": True, "off": False, "auto": None}
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from 'auto', 'on', 'off')")
+    return choices[text]
+
+
+def setting(default: Any, help: str, group: str, *, result: bool = False, parse: Callable[[str], Any] | None = None,
+            choices: tuple[str, ...] | None = None, auto: str | None = None, flag: str | None = None) -> Any:
+    """A Config field declared as a setting. result: it changes what a run computes (a resumed run must
+    match its checkpoint on it). auto: the rule resolve() applies when the flag is not given, in words.
+    flag: the command-line flag when it is not --name-of-the-field ("" for none)."""
+    return field(default=default, metadata={"help": help, "group": group, "result": result, "parse": parse,
+                                            "choices": choices, "auto": auto, "flag": flag})
 
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a run, in one place; built by main.py and saved with the results."""
+    """Every setting of a run, in one place; built by resolve() and saved with the results."""
 
-    epochs: int = 50
-    iters_per_epoch: int | None = None  # None: one pass over the smaller training set (468 for MNIST at 128)
-    batch_size: int = 128  # per domain: 128 source + 128 target images per iteration
-    lr: float = 2e-4
-    weight_decay: float = 5e-4
-    num_k: int = 4  # generator updates (step C) per iteration
-    seed: int = 1
-    protocol: str = "default"  # one of PROTOCOLS: what the flags not given default to (see protocol_values)
-    batchnorm_init: str = "ones"  # one of models.BATCHNORM_INITS: "uniform" is PyTorch 0.2's gamma ~ U(0, 1)
-    method: str = "mcd"  # one of algorithms.METHODS
-    source: str = "svhn"  # one of datasets.DOMAINS
-    target: str = "mnist"
-    small_subsets: bool = False  # MNIST / USPS training sets: the paper's random 2,000 / 1,800 (seeded by seed)
-    discrepancy: str = "l1"  # one of algorithms.DISCREPANCIES: the paper's L1, or the sliced Wasserstein discrepancy
-    swd_projections: int = 128  # random directions per SWD evaluation
-    data_root: str = "./data"
-    download: bool = True
-    allow_unverified_data: bool = False
-    device: str = "cpu"  # resolved by main.py: "cpu", "cuda", "cuda:1", "mps"
-    csv: str = "results.csv"
-    eval_batch_size: int = 2048
-    # Speed switches (resolved per device by main.py); none of them changes the mathematics.
-    precision: str = "fp32"  # one of PRECISIONS: fp32 exact (TF32 off), tf32, bf16 autocast with fp32 losses
-    cuda_graph: bool = False  # capture the whole iteration once and replay it (CUDA only)
-    compile: bool = False  # torch.compile the training forward passes of G, F1, F2...
-    compile_step: bool = False  # ...or, with compile, each step's passes and loss as one function
-    channels_last: bool = False  # NHWC images and conv weights
-    graph_bookkeeping: bool = False  # the loss sums and the non-finite check inside the captured graph
-    paired_heads: bool = False  # F1 and F2 as one batched pair: one matrix product per layer (SVHN network)
-    parallel_seeds: int = 1  # --seeds: how many seeds train side by side in one process (each as if alone)
-    # Run control.
-    deterministic: bool = False  # deterministic algorithms only, cuDNN autotuning off: identical reruns
-    resume: bool = False  # continue from the checkpoint beside csv
-    overwrite: bool = False  # replace an existing csv / checkpoint instead of refusing
+    # run
+    epochs: int = setting(50, "training epochs (a resumed run may be given more)", "run", parse=positive_int,
+                          auto="50; 47 with --protocol original and SVHN")
+    iters_per_epoch: int | None = setting(
+        None, "iterations per epoch", "run", result=True, parse=positive_int,
+        auto="one pass over the smaller training set at the batch size (468 for MNIST at 128); "
+             "429 with --protocol original and SVHN")
+    seed: int = setting(1, "random seed (init, dropout, batch order)", "run", result=True, parse=seed_number)
+    protocol: str = setting("default", "default: this project's setting; original: the original code's run where it "
+                            "can be reproduced (BatchNorm scales ~ U(0, 1), fp32, and with SVHN 47 epochs x 429 "
+                            "iterations); flags given explicitly override it", "run", result=True, choices=PROTOCOLS)
+    deterministic: bool = setting(False, "deterministic algorithms only and no cuDNN autotuning: a rerun gives an "
+                                  "identical CSV", "run", result=True)
+    device: str = setting("cpu", "where to train", "run", choices=("auto", "cpu", "cuda", "mps"),
+                          auto="cuda if available, else mps, else cpu")
+    # method
+    method: str = setting("mcd", "the method, one of algorithms.ALGORITHMS: mcd = steps A, B, C; source_only = step "
+                          "A alone (the paper's baseline); dann = domain-adversarial training (Ganin & Lempitsky "
+                          "2015)", "method", result=True)  # its choices: algorithms.METHODS (main.py)
+    batch_size: int = setting(128, "images per domain per iteration", "method", result=True, parse=batch_images)
+    lr: float = setting(2e-4, "Adam learning rate (every network)", "method", result=True, parse=positive_float)
+    weight_decay: float = setting(5e-4, "Adam weight decay (L2)", "method", result=True, parse=non_negative_float)
+    num_k: int = setting(4, "generator updates (step C) per iteration", "method", result=True, parse=positive_int)
+    discrepancy: str = setting("l1", "l1: the paper's mean |p1 - p2|; swd: sliced Wasserstein discrepancy (Lee et "
+                               "al., CVPR 2019)", "method", result=True, choices=DISCREPANCIES)
+    swd_projections: int = setting(128, "random unit directions per SWD evaluation (fresh each step)", "method",
+                                   result=True, parse=positive_int)
+    batchnorm_init: str = setting("ones", "BatchNorm scales at initialisation: ones (PyTorch >= 1.0) or uniform "
+                                  "U(0, 1) as PyTorch 0.2", "method", result=True, choices=BATCHNORM_INITS,
+                                  auto="ones; uniform with --protocol original")
+    # data
+    source: str = setting("svhn", "labelled source dataset", "data", result=True, choices=DOMAINS)
+    target: str = setting("mnist", "unlabelled target dataset; MNIST <-> USPS use 28x28 grey images and the paper's "
+                          "LeNet-style network", "data", result=True, choices=DOMAINS)
+    small_subsets: bool = setting(False, "the paper's MNIST <-> USPS protocol: random 2,000 MNIST / 1,800 USPS "
+                                  "training images (per seed)", "data", result=True)
+    data_root: str = setting("./data", "holds svhn/*.mat, MNIST/raw/*, usps/*.bz2 (torchvision's layout); for "
+                             "--evaluate the checkpoint's unless given", "data")
+    download: bool = setting(True, "never download; fail with a list of missing files", "data", flag="--no-download")
+    allow_unverified_data: bool = setting(False, "load dataset files whose MD5 differs from the official release "
+                                          "(e.g. the offline proxy), with a warning", "data")
+    # output
+    csv: str = setting("results.csv", "per-epoch results; results.json and the checkpoint (.pt) beside it", "output")
+    eval_batch_size: int = setting(2048, "images per evaluation chunk", "output", parse=positive_int)
+    resume: bool = setting(False, "continue the run whose checkpoint (same stem as --csv, .pt) is beside --csv",
+                           "output")
+    overwrite: bool = setting(False, "replace an existing --csv, its .json and .pt (without it, an existing run is "
+                              "never overwritten)", "output")
+    # speed: none of these changes the mathematics (precision aside, which is compared on --resume)
+    precision: str = setting("fp32", "fp32 is exact (TF32 off); tf32 uses TF32 matrix units; bf16 autocasts "
+                             "convolutions and matrix products, losses stay fp32", "speed", result=True,
+                             choices=("auto", *PRECISIONS), auto="bf16 on CUDA, fp32 elsewhere and with --protocol original")
+    cuda_graph: bool = setting(False, "capture the whole training iteration once as a CUDA graph and replay it",
+                               "speed", parse=switch, auto="on for CUDA")
+    compile: bool = setting(False, "torch.compile the training forward passes of the networks", "speed",
+                            parse=switch, auto="off")
+    channels_last: bool = setting(False, "NHWC images and convolution weights", "speed", parse=switch,
+                                  auto="on for CUDA")
+    parallel_seeds: int = setting(1, "with --seeds: train K seeds side by side in one process, each exactly the run "
+                                  "it is alone (on CUDA unmeasured: not yet shown correct and faster on a GPU)",
+                                  "speed", parse=positive_int)
+
+
+def settings() -> list:
+    """The Config fields in declaration order, each with its metadata (help, group, result, ...)."""
+    return list(fields(Config))
+
+
+def result_settings() -> tuple[str, ...]:
+    """The settings that change what a run computes: a resumed run must match its checkpoint on each."""
+    return tuple(f.name for f in fields(Config) if f.metadata["result"])
+
+
+# What 'auto' means on CUDA for each speed switch, from the measurements in docs/speed.md.
+AUTO_ON_CUDA = {"cuda_graph": True, "compile": False, "channels_last": True}
+
+
+class SettingError(ValueError):
+    """Flags that cannot be combined or used here; the message is one line that says what to do."""
 
 
 def protocol_values(protocol: str, source: str, target: str) -> dict:
     """The settings a protocol fixes for a pair; flags given explicitly override them. 'original' is the
-    original code's run as far as it can be reproduced (README 'Differences from the original code'):
-    PyTorch 0.2's BatchNorm init and fp32 everywhere, and for pairs with SVHN its schedule (the
-    schedule of its MNIST <-> USPS runs is not reproduced: those keep the default one)."""
+    original code's run as far as it can be reproduced (docs/differences.md): PyTorch 0.2's BatchNorm
+    init and fp32 everywhere, and for pairs with SVHN its schedule (the schedule of its MNIST <-> USPS
+    runs is not reproduced: those keep the default one)."""
     if protocol == "default":
         return {}
     values = {"batchnorm_init": "uniform", "precision": "fp32"}
     if "svhn" in (source, target):
         values.update(ORIGINAL_SVHN_SCHEDULE)
     return values
+
+
+def resolve_device(requested: str) -> str:
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if requested == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if requested == "cuda" and not cuda:
+        raise SettingError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if requested == "mps" and not mps:
+        raise SettingError("--device mps: no Apple MPS device is available here; use --device cpu or auto")
+    return requested
+
+
+def resolve(given: dict[str, Any]) -> Config:
+    """The Config of the flags given (Config field -> value; a switch given as auto is None): a flag given
+    wins, then the protocol's value, then the device's rule for 'auto', then the declared default."""
+    given = {name: value for name, value in given.items() if value is not None and value != "auto"}
+    device = resolve_device(given.get("device", "auto"))
+    cuda = device.startswith("cuda")
+    values = {**protocol_values(given.get("protocol", "default"), given.get("source", Config.source),
+                                given.get("target", Config.target)), **given, "device": device}
+    values.setdefault("precision", "bf16" if cuda else "fp32")
+    for name, on_cuda in AUTO_ON_CUDA.items():
+        values.setdefault(name, cuda and on_cuda)
+    if values["cuda_graph"] and not cuda:
+        raise SettingError(f"--cuda-graph on needs a CUDA device, not {device}; use --cuda-graph off or auto")
+    if values.get("resume") and values.get("overwrite"):
+        raise SettingError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    return Config(**values)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a Config sets up in the process and on the device
 
 
 def configure_backends(config: Config) -> None:
@@ -96,13 +241,11 @@ def seed_everything(seed: int) -> None:
 
 
 def speed_label(config: Config) -> str:
-    """How the iteration runs, in words, e.g. 'bf16, CUDA graph, compiled'."""
+    """How the iteration runs, in words, e.g. 'bf16, CUDA graph, channels_last'."""
     flags = [config.precision]
     flags += ["CUDA graph"] if config.cuda_graph else []
-    flags += [("step compiled" if config.compile_step else "compiled")] if config.compile else []
+    flags += ["compiled"] if config.compile else []
     flags += ["channels_last"] if config.channels_last else []
-    flags += ["bookkeeping in the graph"] if config.graph_bookkeeping and config.cuda_graph else []
-    flags += ["paired heads"] if config.paired_heads else []
     return ", ".join(flags)
 
 

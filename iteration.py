@@ -1,14 +1,15 @@
 """One training iteration, fast and watched: the CUDA graph around update(), async host reads, checks.
 
-TrainStep gathers a batch on the device by index and calls the algorithm's update(); with
-config.cuda_graph it captures that whole iteration once and replays it. Reading a value from the GPU
+TrainStep gathers a batch on the device by index and calls the method's update(); with
+config.cuda_graph it captures that whole iteration once and replays it (its docstring holds the rules
+update() keeps to for that). Reading a value from the GPU
 stalls it, so everything the loop shows or checks per iteration comes back without a wait: HostCopy
 (an asynchronous copy to pinned memory with an event), LiveLosses (running means for the progress
 bar) and NonFiniteWatch (the first iteration whose losses are NaN or infinite, kept on the device).
 
-Several seeds can train side by side in one process (--parallel-seeds): each is a Lane, with its own
-TrainStep, batch streams, random generators (SeedRandomness) and, on CUDA, its own stream, so that the
-lanes' kernels and graph replays overlap on the GPU while each seed stays exactly the run it is alone.
+Several seeds can train side by side in one process (--parallel-seeds): each run's turn happens inside
+its Lane, with its own random generators (SeedRandomness) and, on CUDA, its own stream, so that the
+runs' kernels and graph replays overlap on the GPU while each seed stays exactly the run it is alone.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from algorithms import SourceOnly
 from checkpoint import restore_rng, rng_state
 from config import synchronize
-from datasets import BatchStream, DigitsSplit
+from datasets import DigitsSplit
 
 
 class HostCopy:
@@ -43,9 +44,8 @@ class HostCopy:
 
 class LossTally:
     """An epoch's loss sums (in the order of update()'s dict) and its first non-finite iteration, kept on
-    the device and only ever updated in place: so the same few kernels can run after each iteration
-    (the default) or inside the captured CUDA graph (config.graph_bookkeeping), where they cost no
-    launches. reset() starts an epoch; one host read at its end gives the means."""
+    the device and updated in place by a few kernels after each iteration. reset() starts an epoch; one
+    host read at its end gives the means."""
 
     def __init__(self, device: torch.device):
         self.names: list[str] = []
@@ -93,21 +93,20 @@ class LiveLosses:
 
 
 class NonFiniteLoss(Exception):
-    """A loss (at `iteration`) or, with iteration None, a weight became NaN or infinite; training stops,
-    keeping the last good checkpoint."""
+    """A loss became NaN or infinite at `iteration` (1-based) of the epoch; training stops, keeping the
+    last good checkpoint (train.py turns it into a RunStopped that names the run's files)."""
 
-    def __init__(self, iteration: int | None, epoch: int = 0):
-        super().__init__("non-finite weights" if iteration is None else f"non-finite loss at iteration {iteration}")
-        self.iteration, self.epoch = iteration, epoch
+    def __init__(self, iteration: int):
+        super().__init__(f"non-finite loss at iteration {iteration}")
+        self.iteration = iteration
 
 
-def check_finite_weights(model: SourceOnly) -> None:
-    """NonFiniteLoss(None) unless every parameter and BatchNorm statistic of G, F1, F2 is finite: losses
+def finite_weights(model: SourceOnly) -> bool:
+    """Whether every parameter and buffer (BatchNorm statistics) of the method's networks is finite: losses
     can stay finite while a huge step leaves the weights at inf, and such a model must never be
     evaluated and checkpointed as good. One host read, once per epoch."""
-    tensors = [t for m in model.modules for t in m.state_dict().values() if t.is_floating_point()]
-    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        raise NonFiniteLoss(None)
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 class NonFiniteWatch:
@@ -148,6 +147,12 @@ class TrainStep:
     iteration is two index copies into the captured buffers and one replay: no Python, no launch gaps.
     Every iteration, the captured ones included, is a real training step; dropout masks still change
     each replay (PyTorch advances the graph's RNG offset), and the losses come back in static tensors.
+
+    What update() may do, to be capturable (the one place this is written down): only work queued on
+    the device: no host reads (.item(), bool() or print of a tensor, .cpu()), no shapes or control flow
+    that depend on tensor values, no new CPU tensors fed to the device; state that changes from one
+    iteration to the next (step counters, schedules) lives in device tensors changed in place; random
+    draws only from torch's generators. The optimisers are built capturable (algorithms.SourceOnly.adam).
     """
 
     WARMUP = 3
@@ -155,8 +160,6 @@ class TrainStep:
     def __init__(self, model: SourceOnly, source: DigitsSplit, target: DigitsSplit):
         self.model, self.source, self.target = model, source, target
         self.tally = LossTally(model.device)
-        # With graph_bookkeeping the tally is updated inside iteration(), so inside the captured graph.
-        self.tally_inside = model.config.graph_bookkeeping
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_seconds = 0.0
@@ -167,35 +170,28 @@ class TrainStep:
         xs = self.model.inputs(self.source.images[s])  # (B, 3, 32, 32) in [-1, 1]
         ys = self.source.labels[s]
         xt = self.model.inputs(self.target.images[t])  # target labels are never used
-        losses = self.model.update(xs, ys, xt)
-        if self.tally_inside:
-            self.tally.add(losses)
-        return losses
+        return self.model.update(xs, ys, xt)
 
     def __call__(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """One iteration; its losses are returned and added to self.tally."""
-        losses = self._step(s, t)
-        if not self.tally_inside:
-            self.tally.add(losses)
-        return losses
-
-    def _step(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         self.calls += 1
         if not self.model.config.cuda_graph:
-            return self.iteration(s, t)
-        if self.graph is None and self.calls <= self.WARMUP:
+            losses = self.iteration(s, t)
+        elif self.graph is None and self.calls <= self.WARMUP:
             current = torch.cuda.current_stream(self.model.device)
             self.side_stream.wait_stream(current)
             with torch.cuda.stream(self.side_stream):
                 losses = self.iteration(s, t)
             current.wait_stream(self.side_stream)
-            return losses
-        if self.graph is None:
-            self._capture(s, t)
-        self.static_s.copy_(s)
-        self.static_t.copy_(t)
-        self.graph.replay()
-        return self.static_losses
+        else:
+            if self.graph is None:
+                self._capture(s, t)
+            self.static_s.copy_(s)
+            self.static_t.copy_(t)
+            self.graph.replay()
+            losses = self.static_losses
+        self.tally.add(losses)
+        return losses
 
     def _capture(self, s: torch.Tensor, t: torch.Tensor) -> None:
         """Record one iteration (capturing runs nothing: the replay that follows is this iteration)."""
@@ -255,14 +251,12 @@ class SeedRandomness:
 
 
 class Lane:
-    """One seed's training iteration among several in a process: its TrainStep and two batch streams,
-    and, when it shares the process (`randomness` given), its random generators and a CUDA stream of
-    its own. Everything a lane's iteration touches (the step, the loss sums, the checks) runs inside
-    active(); alone, active() changes nothing, so a single run is exactly what it always was."""
+    """Where one run's turn happens when it shares the process with other seeds: inside active(), its own
+    random generators and, on CUDA, a stream of its own. Alone (`randomness` None) active() changes
+    nothing, so a single run is exactly what it always was."""
 
-    def __init__(self, step: TrainStep, streams: tuple[BatchStream, BatchStream], randomness: SeedRandomness | None = None):
-        self.step, self.streams, self.randomness = step, streams, randomness
-        device = step.model.device
+    def __init__(self, device: torch.device, randomness: SeedRandomness | None = None):
+        self.device, self.randomness = device, randomness
         self.cuda_stream = torch.cuda.Stream(device) if randomness is not None and device.type == "cuda" else None
 
     @contextlib.contextmanager
@@ -271,12 +265,7 @@ class Lane:
             if self.randomness is not None:
                 stack.enter_context(self.randomness.active())
             if self.cuda_stream is not None:
-                # after whatever the process queued before (evaluation reads the weights this lane updates)
-                self.cuda_stream.wait_stream(torch.cuda.current_stream(self.step.model.device))
+                # after whatever the process queued before (evaluation reads the weights this run updates)
+                self.cuda_stream.wait_stream(torch.cuda.current_stream(self.device))
                 stack.enter_context(torch.cuda.stream(self.cuda_stream))
             yield
-
-    def __call__(self) -> dict[str, torch.Tensor]:
-        """One iteration on the lane's next source and target batches; call it inside active()."""
-        source, target = self.streams
-        return self.step(source.next(), target.next())  # (B,) index tensors on the device

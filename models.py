@@ -3,14 +3,12 @@
 - "svhn2mnist" (32x32 RGB, any pair with SVHN): the original code's model of that name.
 - "usps" (28x28 grey, MNIST <-> USPS): the original code's smaller LeNet-style model of that name.
 Both without the layers the original defined but never used. Default PyTorch initialisation; F1 and
-F2 differ only by their random init. HeadPair computes the SVHN network's F1 and F2 together (a speed
-switch: --paired-heads).
+F2 differ only by their random init.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 FEATURE_DIM = 3072
@@ -65,44 +63,6 @@ class Classifier(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)
-
-
-# One linear layer of both heads: weight (2, out, in) and bias (2, 1, out), head 1 first.
-StackedLinear = tuple[torch.Tensor, torch.Tensor]
-
-
-class HeadPair(nn.Module):
-    """F1 and F2 (SVHN network) as one batched pair: each linear layer is one batched matrix product
-    (torch.baddbmm) over both heads' stacked weights, where calling F1 and F2 takes two. BatchNorm runs
-    per head on its half, so each head keeps its own batch statistics and running buffers. The same
-    maths as the two calls (the products may round differently); F1 and F2 still own every parameter
-    and buffer, so optimisers, checkpoints and evaluation are untouched.
-
-    The stacked weights are made by stacked_weights() once per step and shared by that step's forward
-    passes (the heads change only at an optimiser step): with bf16 that is also one cast per step where
-    autocast, whose cast cache cannot be used under a CUDA graph, casts each weight once per pass."""
-
-    def __init__(self, f1: Classifier, f2: Classifier):
-        super().__init__()
-        if not (isinstance(f1, Classifier) and isinstance(f2, Classifier)):
-            raise ValueError("HeadPair pairs the SVHN network's heads (models.Classifier), not "
-                             f"{type(f1).__name__} and {type(f2).__name__}")
-        self.f1, self.f2 = f1, f2
-
-    def stacked_weights(self, dtype: torch.dtype) -> list[StackedLinear]:
-        """Per linear layer of the heads: both weights cast to dtype (the matrix products' precision), stacked."""
-        linears = [(a, b) for a, b in zip(self.f1.net, self.f2.net) if isinstance(a, nn.Linear)]
-        return [(torch.stack([a.weight.to(dtype), b.weight.to(dtype)]),
-                 torch.stack([a.bias.to(dtype), b.bias.to(dtype)]).unsqueeze(1)) for a, b in linears]
-
-    def forward(self, features: torch.Tensor, weights: list[StackedLinear]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3072) features -> the logits of F1 and F2, each (B, 10)."""
-        (w1, b1), (w2, b2) = weights
-        # Both heads read the same features: a stride-0 batch of two, no copy.
-        hidden = torch.baddbmm(b1, features.expand(2, *features.shape), w1.transpose(1, 2))  # (2, B, 2048)
-        hidden = torch.stack([F.relu(self.f1.net[1](hidden[0])), F.relu(self.f2.net[1](hidden[1]))])
-        logits = torch.baddbmm(b2, hidden, w2.transpose(1, 2))  # (2, B, 10)
-        return logits[0], logits[1]
 
 
 class LeNetGenerator(nn.Module):

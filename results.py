@@ -1,6 +1,6 @@
 """The results files of a run: the per-epoch CSV, the JSON record beside it, and the multi-seed summary.
 
-    results.csv           one row per epoch (CSV_COLUMNS), flushed and fsynced as each epoch ends
+    results.csv           one row per epoch (csv_columns), flushed and fsynced as each epoch ends
     results.json          the config, versions, device, data files + MD5s, the last row (rewritten whole)
     results_seedN.*       the same per seed of a multi-seed run
     results_summary.csv   mean and sample std over seeds of each seed's LAST epoch (never a best epoch)
@@ -28,18 +28,14 @@ import torchvision
 from config import Config, device_name, protocol_values
 from datasets import DataFile
 
-CSV_COLUMNS = (
-    "epoch",
-    "iterations",
-    "seconds",
-    "loss_source",
-    "discrepancy_b",
-    "discrepancy_c",
-    "source_acc",
-    "target_acc_f1",
-    "target_acc_f2",
-    "target_acc_ensemble",
-)
+# A CSV row: these, the method's loss columns (its LOSSES), then the accuracies.
+PROGRESS_COLUMNS = ("epoch", "iterations", "seconds")
+ACCURACY_COLUMNS = ("source_acc", "target_acc_f1", "target_acc_f2", "target_acc_ensemble")
+
+
+def csv_columns(losses: tuple[str, ...]) -> tuple[str, ...]:
+    """The CSV's header for a method whose update() returns (some of) `losses`."""
+    return (*PROGRESS_COLUMNS, *losses, *ACCURACY_COLUMNS)
 
 
 class OutputError(Exception):
@@ -131,12 +127,13 @@ class ResultsWriter:
     and renamed over the old one. Rows are then appended unbuffered: a row that fails half-way (disk
     full) is cut off again, so the file always ends with the last complete row."""
 
-    def __init__(self, config: Config, record: dict, rows: list[dict]):
+    def __init__(self, config: Config, record: dict, rows: list[dict], losses: tuple[str, ...]):
         self.csv_path = Path(config.csv)
         self.json_path = record_path(self.csv_path)
         self.record = record
+        self.columns = csv_columns(losses)
         with atomic_text(self.csv_path) as file:
-            file.write(_csv_lines([list(CSV_COLUMNS), *map(_csv_row, rows)]))
+            file.write(_csv_lines([list(self.columns), *(self._cells(row) for row in rows)]))
         with writing(self.csv_path):
             self.file = open(self.csv_path, "ab", buffering=0)
         if rows:
@@ -145,7 +142,7 @@ class ResultsWriter:
 
     def append(self, row: dict[str, float | int | None], intact: str = "") -> None:
         """The row, then the record that points to it; failures are OutputErrors ending in `intact`."""
-        data = _csv_lines([_csv_row(row)]).encode()
+        data = _csv_lines([self._cells(row)]).encode()
         with writing(self.csv_path, intact):
             end = os.fstat(self.file.fileno()).st_size
             try:
@@ -159,12 +156,11 @@ class ResultsWriter:
         self.record["final_row"] = row
         write_json(self.json_path, self.record, intact)
 
+    def _cells(self, row: dict[str, float | int | None]) -> list[str]:
+        return [_format(row.get(column)) for column in self.columns]
+
     def close(self) -> None:
         self.file.close()
-
-
-def _csv_row(row: dict[str, float | int | None]) -> list[str]:
-    return [_format(row[column]) for column in CSV_COLUMNS]
 
 
 def run_record(config: Config, files: list[DataFile], device: torch.device, iterations: int) -> dict:
@@ -186,13 +182,15 @@ def run_record(config: Config, files: list[DataFile], device: torch.device, iter
     }
 
 
-def summary_line(row: dict[str, float | int | None], epochs: int) -> str:
-    """The one-line report of an epoch's CSV row."""
-    discrepancies = "" if row["discrepancy_b"] is None else (
-        f" d_B {row['discrepancy_b']:.4f} d_C {row['discrepancy_c']:.4f}"
-    )
+# How the console names a loss column (others by their own name).
+SHORT_NAMES = {"loss_source": "loss", "discrepancy_b": "d_B", "discrepancy_c": "d_C", "loss_domain": "domain"}
+
+
+def summary_line(row: dict[str, float | int | None], epochs: int, losses: tuple[str, ...]) -> str:
+    """The one-line report of an epoch's CSV row (the losses the method computed, then the accuracies)."""
+    shown = " ".join(f"{SHORT_NAMES.get(name, name)} {row[name]:.4f}" for name in losses if row.get(name) is not None)
     return (
-        f"epoch {row['epoch']:3d}/{epochs} | loss {row['loss_source']:.4f}{discrepancies} | "
+        f"epoch {row['epoch']:3d}/{epochs} | {shown} | "
         f"source {row['source_acc']:.2f}% | target F1 {row['target_acc_f1']:.2f}% F2 {row['target_acc_f2']:.2f}% "
         f"ensemble {row['target_acc_ensemble']:.2f}% | {row['seconds']:.1f}s"
     )

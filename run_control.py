@@ -7,7 +7,8 @@
 - checkpoint_payload / check_resumable / restore_run: what a checkpoint holds, whether it can
   continue this run, and putting its state back (checkpoint.py holds the file format itself);
 - model_from_checkpoint / checkpoint_data: a saved model and its data, for --evaluate and pictures;
-- SignalGuard / Interrupted: SIGINT and SIGTERM stop training with the last epoch intact.
+- SignalGuard / Interrupted: SIGINT and SIGTERM stop training with the last epoch intact;
+- RunStopped: a run that stopped before its end, with what the message needs.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from config import Config
+from config import Config, result_settings
 from datasets import BatchStream, DataFile, Digits, load_digits
 from results import OutputError, ResultsWriter, record_path, summary_path, writing
 
@@ -215,7 +216,16 @@ class Interrupted(BaseException):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.signum = signum
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-        self.epochs_saved = 0
+
+
+class RunStopped(Exception):
+    """Training stopped before its end (a signal, a non-finite loss or weights), with the last checkpoint
+    and CSV row intact: why (`cause`), which run's files (`csv`) hold how many epochs (`epochs_saved`),
+    the process's exit code, and `advice` for a failure ("" for a signal: main.py says how to go on)."""
+
+    def __init__(self, cause: str, csv: str, epochs_saved: int, exit_code: int, advice: str = ""):
+        super().__init__(cause)
+        self.cause, self.csv, self.epochs_saved, self.exit_code, self.advice = cause, csv, epochs_saved, exit_code, advice
 
 
 class SignalGuard:
@@ -317,29 +327,38 @@ class CheckpointWriter:
 
 def checkpoint_payload(config: Config, model: SourceOnly, streams: tuple[BatchStream, BatchStream],
                        files: list[DataFile], rows: list[dict], resumed_at: list[int]) -> dict:
-    """Everything train() needs to continue after rows[-1]['epoch'] exactly as if it had never stopped."""
+    """Everything train() needs to continue after rows[-1]['epoch'] exactly as if it had never stopped:
+    the method's whole state_dict (every network and buffer) and every optimiser, by name."""
     return {
         "format_version": FORMAT_VERSION,
         "config": asdict(config),
         "epoch": rows[-1]["epoch"],
         "rows": rows,
         "resumed_at": resumed_at,
-        "models": {"G": model.G.state_dict(), "F1": model.F1.state_dict(), "F2": model.F2.state_dict()},
-        "optimizers": {"G": model.opt_g.state_dict(), "F": model.opt_f.state_dict()},
+        "models": model.state_dict(),
+        "optimizers": {name: optimizer.state_dict() for name, optimizer in model.optimizers.items()},
         "streams": [stream.state_dict() for stream in streams],
         "rng": rng_state(model.device),
         "data_files": {Path(f.path).name: f.md5 for f in files},
     }
 
 
-def _load_networks(model: SourceOnly, checkpoint: dict) -> None:
-    for name, module in (("G", model.G), ("F1", model.F1), ("F2", model.F2)):
-        module.load_state_dict(checkpoint["models"][name])
+def _load_networks(model: SourceOnly, checkpoint: dict, path: Path | None) -> None:
+    """The saved state_dict into the method. Checkpoints written before methods saved their whole
+    state_dict hold one per network ({"G": {...}, "F1": ..., "F2": ...}): those are read as prefixes."""
+    saved = checkpoint["models"]
+    if all(isinstance(value, dict) for value in saved.values()):
+        saved = {f"{network}.{key}": value for network, state in saved.items() for key, value in state.items()}
+    missing, unexpected = (sorted(keys) for keys in (model.state_dict().keys() - saved, saved.keys() - model.state_dict()))
+    if missing or unexpected:
+        raise ResumeError(f"{path or 'the checkpoint'} does not hold this method's networks (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}); use the checkpoint of a {checkpoint['config']['method']} run")
+    model.load_state_dict(saved)
 
 
 def check_resumable(checkpoint: dict, config: Config, path: Path) -> None:
     """Refuses a checkpoint that cannot continue this run (other result settings, or past --epochs)."""
-    differences = config_differences(checkpoint["config"], asdict(config))
+    differences = config_differences(checkpoint["config"], asdict(config), result_settings())
     if differences:
         raise ResumeError(f"--resume: {path} was made with other settings ({'; '.join(differences)}); "
                           "use the same flags, or --overwrite to start afresh")
@@ -355,21 +374,24 @@ def restore_run(checkpoint: dict, model: SourceOnly, streams: tuple[BatchStream,
     if changed:
         raise ResumeError(f"--resume: the dataset files changed since {path} was written ({', '.join(changed)}); "
                           "restore them, or --overwrite to start afresh")
-    _load_networks(model, checkpoint)
-    load_optimizer(model.opt_g, checkpoint["optimizers"]["G"])
-    load_optimizer(model.opt_f, checkpoint["optimizers"]["F"])
+    _load_networks(model, checkpoint, path)
+    missing = sorted(model.optimizers.keys() - checkpoint["optimizers"].keys())
+    if missing:
+        raise ResumeError(f"--resume: {path} holds no state for the optimiser(s) {missing}; --overwrite to start afresh")
+    for name, optimizer in model.optimizers.items():
+        load_optimizer(optimizer, checkpoint["optimizers"][name])
     for stream, state in zip(streams, checkpoint["streams"]):
         stream.load_state_dict(state)
     restore_rng(checkpoint["rng"], model.device)
 
 
-def model_from_checkpoint(checkpoint: dict, device: torch.device) -> SourceOnly:
-    """The trained G, F1, F2 of a checkpoint, on `device`, for evaluation (eager, no optimiser tricks)."""
+def model_from_checkpoint(checkpoint: dict, device: torch.device, path: Path | None = None) -> SourceOnly:
+    """The trained method of a checkpoint, on `device`, for evaluation (eager, no CUDA graph, not compiled)."""
     known = {f.name for f in fields(Config)}
     saved = {key: value for key, value in checkpoint["config"].items() if key in known}
     config = replace(Config(**saved), device=str(device), cuda_graph=False, compile=False)
-    model = ALGORITHMS[config.method](config, device)
-    _load_networks(model, checkpoint)
+    model = ALGORITHMS[config.method](config, device, 1)
+    _load_networks(model, checkpoint, path)
     return model
 
 

@@ -1,18 +1,20 @@
-"""Runs the MCD three-step loop: train(config) for one run, run_seeds for several, evaluate_checkpoint.
+"""The training loop: train(config) for one run (or several seeds side by side), run_seeds, evaluate_checkpoint.
 
-    train_together(configs)            one run, or several seeds side by side (--parallel-seeds)
-      check_output, lock, Run per config: load data, build the algorithm (algorithms.py), restore a
+    train(*configs)                     one run, or several seeds side by side (--parallel-seeds)
+      check_output, lock, then a Run per config: load data, build the method (algorithms.py), restore a
       checkpoint on --resume
       for each epoch:
-        train_epoch: `iterations` times, for each run's Lane (iteration.py):
-                       TrainStep -> algorithm.update(xs, ys, xt) = step_a, step_b, step_c (MCD)
-                                                                   or step_a alone (source only)
-        Run.end_epoch: evaluate_all (source test ensemble; target test F1, F2, ensemble), then
+        train_epoch: `iterations` times, for each run:
+                       run.step(source batch, target batch)        TrainStep (iteration.py): the batch by
+                         -> method.update(xs, ys, xt)               index, update() eager or as a CUDA graph
+                            MCD: step_a, step_b, step_c; source only: step_a; DANN: one adversarial step
+        Run.end_epoch: evaluate (source test ensemble; target test F1, F2, ensemble), then
                        CheckpointWriter: the epoch's checkpoint, then its CSV row (run_control.py, results.py)
       the target test confusion matrix as a PNG (figures.py)
 
-What is computed lives in algorithms.py, how fast in iteration.py, the files in results.py and
-checkpoint.py, and stopping / resuming in run_control.py; this file only puts them in order.
+Seeds side by side differ from a single run only in Run.active(): each run's own random generators and
+CUDA stream around its turn. What is computed lives in algorithms.py, how fast in iteration.py, the
+files in results.py and checkpoint.py, and stopping / resuming in run_control.py.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -32,7 +33,7 @@ from checkpoint import checkpoint_path, load_checkpoint
 from config import Config, configure_backends, device_name, seed_everything, speed_label, synchronize
 from datasets import BatchStream, Digits, DigitsSplit, load_digits
 from figures import picture_path, save_confusion
-from iteration import Lane, LiveLosses, NonFiniteLoss, NonFiniteWatch, SeedRandomness, TrainStep, check_finite_weights
+from iteration import Lane, LiveLosses, NonFiniteLoss, NonFiniteWatch, SeedRandomness, TrainStep, finite_weights
 from results import (
     OutputError,
     ResultsWriter,
@@ -49,6 +50,7 @@ from results import (
 from run_control import (
     CheckpointWriter,
     Interrupted,
+    RunStopped,
     SignalGuard,
     check_output,
     check_resumable,
@@ -71,43 +73,6 @@ def batch_streams(data: Digits, config: Config) -> tuple[BatchStream, BatchStrea
     )
 
 
-def train_epoch(lanes: list[Lane], iterations: int, desc: str) -> list[dict[str, float]]:
-    """`iterations` training steps of every lane, the lanes taking turns each iteration (on CUDA their
-    work overlaps); returns each lane's losses averaged over the epoch (one host read, at the end)."""
-    for lane in lanes:
-        with lane.active():
-            lane.step.tally.reset()
-    watches = [NonFiniteWatch(lane.step.tally) for lane in lanes]
-    bar = tqdm(range(iterations), desc=desc, leave=False, dynamic_ncols=True, disable=None)
-    live = LiveLosses(bar) if len(lanes) == 1 else None  # one bar cannot show several seeds' losses
-    means: list[dict[str, float]] = []
-    try:
-        for i in bar:
-            for index, (lane, watch) in enumerate(zip(lanes, watches)):
-                with lane.active(), _naming_lane(index):
-                    lane()
-                    watch.update(i)
-            if live is not None:
-                live.update(i, lanes[0].step.tally)
-        for index, (lane, watch) in enumerate(zip(lanes, watches)):
-            with lane.active(), _naming_lane(index):
-                watch.finish()
-                means.append(lane.step.tally.means(iterations))
-    finally:
-        bar.close()
-    return means
-
-
-@contextlib.contextmanager
-def _naming_lane(index: int) -> Iterator[None]:
-    """A NonFiniteLoss raised inside says which lane (run) it came from."""
-    try:
-        yield
-    except NonFiniteLoss as error:
-        error.lane = index
-        raise
-
-
 def evaluate_all(model: SourceOnly, data: Digits, chunk_size: int) -> dict[str, float]:
     """The CSV's accuracy columns: source test (ensemble) and target test (F1, F2, ensemble)."""
     _, _, source_acc = model.evaluate(data.source_test, chunk_size)
@@ -128,13 +93,14 @@ def save_target_confusion(model: SourceOnly, split: DigitsSplit, out: Path, titl
 
 
 class Run:
-    """One run (one seed) in progress: its data, algorithm, Lane, rows and checkpoint writer. `rows` is
-    the caller's list (the checkpoint's rows on --resume) and grows by one row per epoch. `shared_data`
-    lends datasets already loaded by another run of the same data; `together` gives the run its own
-    random generators and CUDA stream (iteration.Lane) to train beside others."""
+    """One run (one seed) in progress: its data, method, training step, rows and checkpoint writer.
+    `rows` is the checkpoint's rows on --resume (else empty) and grows by one row per epoch.
+    `shared_data` lends datasets already loaded by another run of the same data; `together` gives the
+    run its own random generators and CUDA stream, to train beside others."""
 
-    def __init__(self, config: Config, checkpoint: dict | None, rows: list[dict], shared_data: dict, together: bool):
-        self.config, self.rows = config, rows
+    def __init__(self, config: Config, checkpoint: dict | None, shared_data: dict, together: bool):
+        self.config = config
+        self.rows: list[dict] = list(checkpoint["rows"]) if checkpoint is not None else []
         self.saved_path = checkpoint_path(Path(config.csv))
         self.device = torch.device(config.device)
         configure_backends(config)
@@ -145,29 +111,29 @@ class Run:
             shared_data[key] = load_digits(config.data_root, config.download, config.allow_unverified_data, self.device,
                                            config.source, config.target, config.small_subsets, subset_seed=config.seed)
         self.data = data = shared_data[key]
-        streams = batch_streams(data, config)
+        self.streams = batch_streams(data, config)
         self.iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
-        self.model = ALGORITHMS[config.method](config, self.device)
-        self.model.train_mode(True)
+        self.model = ALGORITHMS[config.method](config, self.device, config.epochs * self.iterations)
+        self.model.train()
         self.resumed_at: list[int] = []
         if checkpoint is not None:
-            restore_run(checkpoint, self.model, streams, data.files, self.saved_path)
+            restore_run(checkpoint, self.model, self.streams, data.files, self.saved_path)
             self.resumed_at = checkpoint["resumed_at"] + [checkpoint["epoch"]]
         else:
             self.saved_path.unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
+        self.step = TrainStep(self.model, data.source_train, data.target_train)
         # Alone, the process's generators are the run's; together, the run keeps its own from here on.
-        self.lane = Lane(TrainStep(self.model, data.source_train, data.target_train), streams,
-                         SeedRandomness(self.device) if together else None)
+        self.lane = Lane(self.device, SeedRandomness(self.device) if together else None)
         record = run_record(config, data.files, self.device, self.iterations)
         record["resumed_at_epochs"] = self.resumed_at
-        self.checkpoints = CheckpointWriter(self.saved_path, ResultsWriter(config, record, rows))
+        self.checkpoints = CheckpointWriter(self.saved_path, ResultsWriter(config, record, self.rows, self.model.LOSSES))
         self.prefix = f"seed {config.seed}: " if together else ""
         print(
             f"{self.prefix}{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training "
             f"images, {config.epochs} epochs x {self.iterations} iterations on {device_name(self.device)} "
-            f"({speed_label(config)})" + (f"; resuming after epoch {self.epoch}" if rows else "")
+            f"({speed_label(config)})" + (f"; resuming after epoch {self.epoch}" if self.rows else "")
         )
-        if rows and self.epoch == config.epochs:
+        if self.rows and self.epoch == config.epochs:
             print(f"{config.csv} already holds all {config.epochs} epochs; raise --epochs to train further")
 
     @property
@@ -175,96 +141,124 @@ class Run:
         """Epochs finished (and saved, or being saved)."""
         return self.rows[-1]["epoch"] if self.rows else 0
 
+    def stopped(self, cause: str, exit_code: int = 3, advice: str = "Lower --lr, or check the data.") -> RunStopped:
+        """This run stopped before its end: what to tell the user (its files, the epochs they hold)."""
+        return RunStopped(cause, self.config.csv, self.epoch, exit_code, advice)
+
     def end_epoch(self, losses: dict[str, float], seconds: float) -> None:
         """After an epoch's training (`seconds` of it): check the weights, evaluate, then save the
         checkpoint and its CSV row in the background (the two always agree)."""
-        check_finite_weights(self.model)
+        if not finite_weights(self.model):  # losses can stay finite while a huge step leaves inf weights
+            raise self.stopped(f"non-finite weights at the end of epoch {self.epoch + 1}")
+        unknown = set(losses) - set(self.model.LOSSES)
+        if unknown:  # never dropped silently
+            raise ValueError(f"{type(self.model).__name__}.update returned {sorted(unknown)}, which its LOSSES "
+                             f"{self.model.LOSSES} (the CSV's loss columns) do not name")
         row = {
             "epoch": self.epoch + 1,
             "iterations": (self.epoch + 1) * self.iterations,
             # training time only, summed over epochs; evaluation is not counted
             "seconds": (self.rows[-1]["seconds"] if self.rows else 0.0) + seconds,
-            "loss_source": losses["loss_source"],
-            "discrepancy_b": losses.get("discrepancy_b"),
-            "discrepancy_c": losses.get("discrepancy_c"),
+            **{name: losses.get(name) for name in self.model.LOSSES},
             **evaluate_all(self.model, self.data, self.config.eval_batch_size),
         }
-        streams = self.lane.streams
-        payload = checkpoint_payload(self.config, self.model, streams, self.data.files, self.rows + [row], self.resumed_at)
+        payload = checkpoint_payload(self.config, self.model, self.streams, self.data.files, self.rows + [row],
+                                     self.resumed_at)
         self.checkpoints.submit(payload, row)
         self.rows.append(row)
-        print(self.prefix + summary_line(row, self.config.epochs))
+        print(self.prefix + summary_line(row, self.config.epochs, self.model.LOSSES))
 
     def save_confusion(self) -> None:
         save_target_confusion(self.model, self.data.target_test, picture_path(self.saved_path, "confusion"),
                               f"{self.config.method}, target test, ensemble", self.config.eval_batch_size)
 
 
-def train(config: Config) -> dict[str, float | int | None]:
-    """Train as configured, writing a checkpoint and then a CSV row after every epoch; returns the last
-    row (the result). Raises OutputError / ResumeError / DataError before anything is written,
-    Interrupted on SIGINT/SIGTERM and NonFiniteLoss, both keeping the last checkpoint and CSV intact.
-    The output's lock and the signal handlers are held until every write has finished."""
-    return train_together([config])[0]
+def train_epoch(runs: list[Run], iterations: int, desc: str) -> list[dict[str, float]]:
+    """`iterations` training steps of every run, the runs taking turns each iteration (on CUDA their
+    work overlaps); returns each run's losses averaged over the epoch (one host read, at the end)."""
+    watches = []
+    for run in runs:
+        with run.lane.active():
+            run.step.tally.reset()
+            watches.append(NonFiniteWatch(run.step.tally))
+    bar = tqdm(range(iterations), desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    live = LiveLosses(bar) if len(runs) == 1 else None  # one bar cannot show several seeds' losses
+    run = runs[0]
+    try:
+        for i in bar:
+            for run, watch in zip(runs, watches):
+                with run.lane.active():
+                    source, target = run.streams
+                    run.step(source.next(), target.next())  # (B,) index tensors on the device
+                    watch.update(i)
+            if live is not None:
+                live.update(i, runs[0].step.tally)
+        means = []
+        for run, watch in zip(runs, watches):
+            with run.lane.active():
+                watch.finish()
+                means.append(run.step.tally.means(iterations))
+        return means
+    except NonFiniteLoss as error:
+        raise run.stopped(f"non-finite loss in epoch {run.epoch + 1}, iteration {error.iteration}") from error
+    finally:
+        bar.close()
 
 
-def train_together(configs: list[Config]) -> list[dict[str, float | int | None]]:
-    """train() for several runs (seeds) at once, in one process and on one device: every iteration each
-    run takes its turn, each with its own generators and CUDA stream, so each is the run it would be
-    alone (same CSV, checkpoint, --resume) while the GPU overlaps their work. Returns each last row.
-    An error or a signal stops all of them; Interrupted / NonFiniteLoss name the first unfinished run."""
+def train(*configs: Config) -> list[dict[str, float | int | None]]:
+    """Train a run as configured (or several seeds side by side, each exactly the run it is alone),
+    writing a checkpoint and then a CSV row after every epoch; returns each run's last row. Raises
+    OutputError / ResumeError / DataError before anything is written, RunStopped on SIGINT/SIGTERM or a
+    non-finite loss, keeping the last checkpoint and CSV intact. The outputs' locks and the signal
+    handlers are held until every write has finished."""
     for config in configs:
         check_output(config)
     with contextlib.ExitStack() as stack:
         for config in configs:
             stack.enter_context(run_lock(Path(config.csv)))
         stack.enter_context(SignalGuard())
-        started: list[tuple[Config, dict | None, list[dict]]] = []
+        checkpoints = []
         for config in configs:
             saved_path = checkpoint_path(Path(config.csv))
             checkpoint = load_checkpoint(saved_path) if config.resume else None
             if checkpoint is not None:
                 check_resumable(checkpoint, config, saved_path)
-            started.append((config, checkpoint, list(checkpoint["rows"]) if checkpoint is not None else []))
+            checkpoints.append(checkpoint)
+        runs: list[Run] = []
+        clock = time.perf_counter()
+        epoch_seconds: list[float] = []  # training only
         try:
-            _train_runs(started)
-        except Interrupted as error:  # the messages name the first unfinished run's files
-            config, _, rows = next((s for s in started if not s[2] or s[2][-1]["epoch"] < s[0].epochs), started[-1])
-            error.csv, error.epochs_saved = config.csv, rows[-1]["epoch"] if rows else 0
-            raise
-        return [rows[-1] for _, _, rows in started]
-
-
-def _train_runs(started: list[tuple[Config, dict | None, list[dict]]]) -> None:
-    """Set up a Run per (config, checkpoint, rows), then the epochs until every run has all of its own."""
-    together = len(started) > 1
-    shared_data: dict = {}
-    clock = time.perf_counter()
-    epoch_seconds: list[float] = []  # training only
-    with contextlib.ExitStack() as closing:  # every run's writer finishes its last write, whatever happens
-        runs = []
-        for config, checkpoint, rows in started:
-            runs.append(Run(config, checkpoint, rows, shared_data, together))
-            closing.callback(runs[-1].checkpoints.close)
-        device = runs[0].device
-        setup_seconds = time.perf_counter() - clock
-        while unfinished := [run for run in runs if run.epoch < run.config.epochs]:
-            first = unfinished[0]
-            desc = f"epoch {first.epoch + 1}/{first.config.epochs}" + (f" ({len(unfinished)} seeds)" if together else "")
-            start = time.perf_counter()
-            # Every run of a group has the same settings but its seed, so the same iterations per epoch.
-            losses = _checked(unfinished, lambda: train_epoch([run.lane for run in unfinished], first.iterations, desc))
-            synchronize(device)
-            seconds = time.perf_counter() - start  # together: the epoch's wall time, shared by its runs
-            epoch_seconds.append(seconds)
-            for run, run_losses in zip(unfinished, losses):
-                with run.lane.active():
-                    _checked([run], lambda: run.end_epoch(run_losses, seconds))
-    for run in runs:
-        run.save_confusion()
-    if epoch_seconds:
-        rest = time.perf_counter() - clock - setup_seconds - sum(epoch_seconds)
-        print(timing_line(setup_seconds, epoch_seconds, rest, sum(run.lane.step.capture_seconds for run in runs)))
+            with contextlib.ExitStack() as closing:  # every run's writer finishes its last write, whatever happens
+                shared_data: dict = {}
+                for config, checkpoint in zip(configs, checkpoints):
+                    runs.append(Run(config, checkpoint, shared_data, together=len(configs) > 1))
+                    closing.callback(runs[-1].checkpoints.close)
+                setup_seconds = time.perf_counter() - clock
+                while unfinished := [run for run in runs if run.epoch < run.config.epochs]:
+                    first = unfinished[0]
+                    desc = f"epoch {first.epoch + 1}/{first.config.epochs}" + (
+                        f" ({len(unfinished)} seeds)" if len(runs) > 1 else "")
+                    start = time.perf_counter()
+                    # Every run of a group has the same settings but its seed, so the same iterations per epoch.
+                    losses = train_epoch(unfinished, first.iterations, desc)
+                    synchronize(first.device)
+                    seconds = time.perf_counter() - start  # together: the epoch's wall time, shared by its runs
+                    epoch_seconds.append(seconds)
+                    for run, run_losses in zip(unfinished, losses):
+                        with run.lane.active():
+                            run.end_epoch(run_losses, seconds)
+        except Interrupted as error:  # the message names the first unfinished run's files
+            unfinished = [run for run in runs if run.epoch < run.config.epochs] or runs[-1:]
+            if unfinished:
+                raise unfinished[0].stopped(str(error), error.exit_code, advice="") from error
+            epochs = [checkpoint["epoch"] if checkpoint else 0 for checkpoint in checkpoints]
+            raise RunStopped(str(error), configs[0].csv, epochs[0], error.exit_code) from error
+        for run in runs:
+            run.save_confusion()
+        if epoch_seconds:
+            rest = time.perf_counter() - clock - setup_seconds - sum(epoch_seconds)
+            print(timing_line(setup_seconds, epoch_seconds, rest, sum(run.step.capture_seconds for run in runs)))
+        return [run.rows[-1] for run in runs]
 
 
 def timing_line(setup: float, epoch_seconds: list[float], rest: float, capture: float) -> str:
@@ -278,19 +272,6 @@ def timing_line(setup: float, epoch_seconds: list[float], rest: float, capture: 
         line += f", later median {later:.1f} s: warm-up ≈ {epoch_seconds[0] - later:.1f} s"
     line += f"{f', graph capture {capture:.2f} s' if capture else ''}); evaluation and checkpoints {rest:.1f} s"
     return line
-
-
-Result = TypeVar("Result")
-
-
-def _checked(runs: list[Run], work: Callable[[], Result]) -> Result:
-    """work(), with a NonFiniteLoss saying which run (its files) and which epoch it happened in."""
-    try:
-        return work()
-    except NonFiniteLoss as error:
-        run = runs[getattr(error, "lane", 0)]
-        error.epoch, error.csv = run.epoch + 1, run.config.csv
-        raise
 
 
 def run_seeds(config: Config, seeds: list[int]) -> None:
@@ -308,16 +289,14 @@ def run_seeds(config: Config, seeds: list[int]) -> None:
                 group = [_fresh_unless_saved(each) for each in configs[first : first + config.parallel_seeds]]
                 for each in group:
                     print(f"== seed {each.seed}: {each.csv}")
-                for each, row in zip(group, train_together(group)):
+                for each, row in zip(group, train(*group)):
                     final_rows[each.seed] = row
             summary = summarize(final_rows)
             write_summary(summary_path(csv_path), summary)
-        except (Interrupted, NonFiniteLoss) as error:
-            if not hasattr(error, "csv"):  # between two groups: the last finished seed's files
-                last = max(final_rows, default=None)
-                error.csv = configs[0].csv if last is None else str(seed_csv(csv_path, last))
-                error.epochs_saved = final_rows[last]["epoch"] if last is not None else 0
-            raise
+        except Interrupted as error:  # between two groups: the last finished seed's files
+            last = max(final_rows, default=None)
+            raise RunStopped(str(error), configs[0].csv if last is None else str(seed_csv(csv_path, last)),
+                             final_rows[last]["epoch"] if last is not None else 0, error.exit_code) from error
     print(summary_table(summary))
     print(f"wrote {summary_path(csv_path)}")
 
@@ -338,7 +317,7 @@ def evaluate_checkpoint(path: Path, device: torch.device, data_root: str | None,
                           "evaluate it once that run has finished")
     checkpoint = load_checkpoint(path, flag="--evaluate")
     data = checkpoint_data(checkpoint, device, data_root, download, allow_unverified)
-    model = model_from_checkpoint(checkpoint, device)
+    model = model_from_checkpoint(checkpoint, device, path)
     result = {"checkpoint": str(path), "epoch": checkpoint["epoch"], "method": checkpoint["config"]["method"],
               "device": device_name(device), **evaluate_all(model, data, chunk_size)}
     out = path.with_name(f"{path.stem}_evaluation.json")

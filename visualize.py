@@ -27,7 +27,8 @@ from checkpoint import ResumeError, load_checkpoint  # noqa: E402
 from datasets import DataError, Digits, DigitsSplit  # noqa: E402
 from results import OutputError  # noqa: E402
 from figures import picture_path, save_figure  # noqa: E402
-from main import HelpFormatter, OneLineErrors, _positive_int  # noqa: E402
+from config import positive_int  # noqa: E402
+from main import HelpFormatter, OneLineErrors  # noqa: E402
 from models import NUM_CLASSES  # noqa: E402
 from run_control import checkpoint_data, model_from_checkpoint  # noqa: E402
 from train import save_target_confusion  # noqa: E402
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrors(prog="visualize.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a .pt written by main.py")
     parser.add_argument("--compare", type=Path, default=None, help="a second checkpoint (e.g. source-only) for the t-SNE")
-    parser.add_argument("--images", type=_positive_int, default=1000, help="test images per domain in the t-SNE")
+    parser.add_argument("--images", type=positive_int, default=1000, help="test images per domain in the t-SNE")
     parser.add_argument("--data-root", default=None, help="default: the checkpoint's")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                             + "; ".join(f"{path}: {source} -> {target}" for path, (source, target) in pairs.items())
                             + "); compare models of one pair")
         data = checkpoint_data(checkpoints[0][1], device, args.data_root)
-        models = [(f"{path.stem} ({c['config']['method']}, epoch {c['epoch']})", model_from_checkpoint(c, device))
+        models = [(f"{path.stem} ({c['config']['method']}, epoch {c['epoch']})", model_from_checkpoint(c, device, path))
                   for path, c in checkpoints]
         save_target_confusion(models[0][1], data.target_test, picture_path(args.checkpoint, "confusion"),
                               "target test, ensemble", chunk_size=2048)
