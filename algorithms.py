@@ -22,7 +22,6 @@ cross-entropy and d in fp32; fp32 is exact (TF32 off); fused Adam on CUDA.
 from __future__ import annotations
 
 import contextlib
-import functools
 from itertools import chain
 from typing import Iterator
 

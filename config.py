@@ -213,7 +213,7 @@ def resolve(given: dict[str, Any]) -> Config:
     if values["cuda_graph"] and not cuda:
         raise SettingError(f"--cuda-graph on needs a CUDA device, not {device}; use --cuda-graph off or auto")
     if values.get("resume") and values.get("overwrite"):
-        raise SettingError("--resume and --overwrite exclude each other: continue the run, or replace it")
+        raise SettingError("argument --resume: not allowed with argument --overwrite (continue the run, or replace it)")
     return Config(**values)
 
 

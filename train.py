@@ -247,14 +247,14 @@ def train(*configs: Config) -> list[dict[str, float | int | None]]:
                     for run, run_losses in zip(unfinished, losses):
                         with run.lane.active():
                             run.end_epoch(run_losses, seconds)
+            for run in runs:
+                run.save_confusion()
         except Interrupted as error:  # the message names the first unfinished run's files
             unfinished = [run for run in runs if run.epoch < run.config.epochs] or runs[-1:]
             if unfinished:
                 raise unfinished[0].stopped(str(error), error.exit_code, advice="") from error
             epochs = [checkpoint["epoch"] if checkpoint else 0 for checkpoint in checkpoints]
             raise RunStopped(str(error), configs[0].csv, epochs[0], error.exit_code) from error
-        for run in runs:
-            run.save_confusion()
         if epoch_seconds:
             rest = time.perf_counter() - clock - setup_seconds - sum(epoch_seconds)
             print(timing_line(setup_seconds, epoch_seconds, rest, sum(run.step.capture_seconds for run in runs)))

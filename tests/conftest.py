@@ -1,8 +1,10 @@
-"""Tiny SVHN (.mat) and MNIST (IDX, plain and .gz) files in torchvision's layout; nothing is downloaded."""
+"""Tiny SVHN (.mat), MNIST (IDX, plain and .gz) and USPS files in torchvision's layout (nothing is
+downloaded), and the helpers the tests share: a training command line, a CSV's rows."""
 
 from __future__ import annotations
 
 import bz2
+import csv
 import gzip
 import socket
 import struct
@@ -15,6 +17,26 @@ import scipy.io
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from algorithms import MCD  # noqa: E402  (the product's folder is on sys.path from here on)
+from results import csv_columns  # noqa: E402
+
+LENET = ("--source", "mnist", "--target", "usps")  # the small network: dropout in both heads, fast on a CPU
+MCD_COLUMNS = csv_columns(MCD.LOSSES)  # the CSV header of mcd and source_only runs
+
+
+def train_args(data_root: Path, csv_path: Path, *extra: str, epochs: int = 2, iters: int = 2,
+               num_k: int | None = 1) -> list[str]:
+    """main.py's flags for a tiny CPU run on fixture data (num_k None: the default, 4)."""
+    return ["--data-root", str(data_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
+            "--epochs", str(epochs), "--iters-per-epoch", str(iters), "--batch-size", "8",
+            *(["--num-k", str(num_k)] if num_k is not None else []), "--csv", str(csv_path), *extra]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
 
 SIZES = {"svhn_train": 400, "svhn_test": 200, "mnist_train": 300, "mnist_test": 200, "usps_train": 240, "usps_test": 120}
 

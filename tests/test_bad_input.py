@@ -105,7 +105,7 @@ CASES: dict[str, tuple[Setup, str]] = {
     "seeds beyond the range": (lambda r, m: ["--seeds", "1", f"{2**31 - 1}-{2**31}"], "seeds must be between 0"),
     "a --csv name too long for its files": (lambda r, m: ["--csv", str(r.parent / "out" / ("x" * 240 + ".csv"))],
                                             "the name is too long for the files written beside it"),
-    "unknown method": (lambda r, m: ["--method", "dann"], "invalid choice: 'dann'"),
+    "unknown method": (lambda r, m: ["--method", "adda"], "invalid choice: 'adda'"),
     "unknown device": (lambda r, m: ["--device", "tpu"], "invalid choice: 'tpu'"),
     "unknown precision": (lambda r, m: ["--precision", "fp8"], "invalid choice: 'fp8'"),
     "unknown dataset": (lambda r, m: ["--target", "cifar"], "invalid choice: 'cifar'"),

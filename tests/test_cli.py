@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import main as main_module
-from results import CSV_COLUMNS
+from conftest import MCD_COLUMNS as CSV_COLUMNS, read_rows as _rows, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -24,13 +23,7 @@ def run(script: str, *args: str, cwd: Path | None = None) -> subprocess.Complete
 
 
 def _train_args(data_root: Path, csv_path: Path, *extra: str) -> list[str]:
-    return ["--data-root", str(data_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
-            "--epochs", "2", "--iters-per-epoch", "3", "--batch-size", "8", "--csv", str(csv_path), *extra]
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
+    return train_args(data_root, csv_path, *extra, iters=3, num_k=None)
 
 
 def test_train_then_plot_end_to_end(digits_root, tmp_path):
@@ -85,7 +78,7 @@ def test_source_only_leaves_discrepancy_empty(digits_root, tmp_path):
         (["--num-k", "0"], "--num-k"),
         (["--iters-per-epoch", "0"], "--iters-per-epoch"),
         (["--lr", "0"], "--lr"),
-        (["--method", "dann"], "--method"),
+        (["--method", "adda"], "--method"),
         (["--device", "tpu"], "--device"),
     ],
 )

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from models import Classifier, Generator, HeadPair, LeNetClassifier, build_models
+from models import Classifier, Generator, build_models
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -42,26 +41,3 @@ def test_dropout_only_in_training():
     G.eval()
     assert torch.equal(G(x), G(x))
     assert (G(x) >= 0).all()  # ReLU before dropout
-
-
-def test_head_pair_computes_f1_and_f2_with_their_own_parameters_and_statistics():
-    torch.manual_seed(0)
-    f1, f2 = Classifier(), Classifier()
-    pair = HeadPair(copy.deepcopy(f1), copy.deepcopy(f2))
-    x = torch.randn(8, 3072, requires_grad=True)
-    x_pair = x.detach().clone().requires_grad_(True)
-    loss = lambda a, b: a.sum() + b.pow(2).sum()  # noqa: E731  (the heads weighted differently)
-    separate = f1(x), f2(x)
-    together = pair(x_pair, pair.stacked_weights(torch.float32))
-    loss(*separate).backward()
-    loss(*together).backward()
-    for a, b in zip(separate, together):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(x.grad, x_pair.grad, rtol=1e-5, atol=1e-6)
-    for head, copied in ((f1, pair.f1), (f2, pair.f2)):
-        for (name, p), q in zip(head.named_parameters(), copied.parameters()):
-            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), name
-        for name, buffer in head.named_buffers():
-            assert torch.allclose(buffer.float(), copied.get_buffer(name).float()), name
-    with pytest.raises(ValueError, match="SVHN network's heads"):
-        HeadPair(LeNetClassifier(), LeNetClassifier())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,25 +10,23 @@ import torch
 
 import main as main_module
 from checkpoint import load_checkpoint
+from conftest import LENET, read_rows, train_args
 from config import Config
 from iteration import SeedRandomness, TrainStep
 
-LENET = ("--source", "mnist", "--target", "usps")  # the small network: dropout in both heads, fast on a CPU
 SEEDS = (1, 2, 3)
 LOSSES = ("loss_source", "discrepancy_b", "discrepancy_c")
 ACCURACIES = ("source_acc", "target_acc_f1", "target_acc_f2", "target_acc_ensemble")
 
 
 def _run(data_root: Path, csv_path: Path, *extra: str, epochs: int = 2) -> None:
-    args = ["--data-root", str(data_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
-            "--deterministic", "--epochs", str(epochs), "--iters-per-epoch", "3", "--batch-size", "8", "--num-k", "2",
-            "--seeds", "1-3", "--csv", str(csv_path), *LENET, *extra]
+    args = train_args(data_root, csv_path, "--deterministic", "--seeds", "1-3", *LENET, *extra, epochs=epochs, iters=3,
+                      num_k=2)
     assert main_module.main(args) == 0
 
 
 def _rows(csv_path: Path, seed: int) -> list[dict[str, str]]:
-    with open(csv_path.with_name(f"{csv_path.stem}_seed{seed}.csv"), newline="") as file:
-        return list(csv.DictReader(file))
+    return read_rows(csv_path.with_name(f"{csv_path.stem}_seed{seed}.csv"))
 
 
 def _assert_same_runs(one: Path, other: Path) -> None:
@@ -140,7 +137,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _svhn_lanes(seeds: tuple[int, ...], cuda_graph: bool, batch_size: int = 128):
     """One Lane per seed with the SVHN network on shared synthetic data, each with its own generators
-    and CUDA stream, as train_together makes them; fp32 with TF32 off and deterministic kernels, so
+    and CUDA stream, as train.train makes them; fp32 with TF32 off and deterministic kernels, so
     eager and replay agree and a replay repeats exactly."""
     import benchmark
     from algorithms import MCD
@@ -157,20 +154,21 @@ def _svhn_lanes(seeds: tuple[int, ...], cuda_graph: bool, batch_size: int = 128)
                         deterministic=True)
         configure_backends(config)
         torch.manual_seed(seed)
-        model = MCD(config, device)
-        model.train_mode(True)
-        lanes.append(Lane(TrainStep(model, data.source_train, data.target_train), batch_streams(data, config),
-                          SeedRandomness(device)))
+        model = MCD(config, device, 1)
+        model.train()
+        lanes.append(benchmark.TimedRun(TrainStep(model, data.source_train, data.target_train),
+                                        batch_streams(data, config), Lane(device, SeedRandomness(device))))
     return lanes
 
 
 def _train_lanes(lanes, iterations: int) -> list[list[dict[str, float]]]:
-    """Each lane's per-iteration losses, the lanes taking turns (their replays overlap on the GPU)."""
+    """Each run's per-iteration losses, the runs taking turns (their replays overlap on the GPU)."""
     history: list[list[dict]] = [[] for _ in lanes]
     for _ in range(iterations):
-        for lane, losses in zip(lanes, history):
-            with lane.active():
-                losses.append({name: value.clone() for name, value in lane().items()})
+        for run, losses in zip(lanes, history):
+            with run.lane.active():
+                source, target = run.streams
+                losses.append({name: value.clone() for name, value in run.step(source.next(), target.next()).items()})
     torch.cuda.synchronize()
     return [[{name: value.item() for name, value in step.items()} for step in losses] for losses in history]
 

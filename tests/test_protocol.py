@@ -11,10 +11,10 @@ from torch import nn
 
 import main as main_module
 from config import ORIGINAL_SVHN_SCHEDULE, Config
+from conftest import LENET, train_args
 from models import build_models
 
 CPU = torch.device("cpu")
-LENET = ["--source", "mnist", "--target", "usps"]
 
 
 def _config(*argv: str) -> Config:
@@ -73,8 +73,7 @@ def test_flags_given_explicitly_override_the_protocol():
 
 
 def _args(root: Path, csv_path: Path, *extra: str) -> list[str]:
-    return ["--data-root", str(root), "--allow-unverified-data", "--no-download", "--device", "cpu", "--epochs", "1",
-            "--iters-per-epoch", "2", "--batch-size", "8", "--num-k", "1", "--csv", str(csv_path), *LENET, *extra]
+    return train_args(root, csv_path, *LENET, *extra, epochs=1)
 
 
 def test_the_record_names_the_protocol_and_resume_refuses_a_change(digits_root, tmp_path, capsys):
@@ -84,7 +83,7 @@ def test_the_record_names_the_protocol_and_resume_refuses_a_change(digits_root, 
     assert record["protocol"] == {"name": "original", "set": {"batchnorm_init": "uniform", "precision": "fp32"}}
     assert record["config"]["protocol"] == "original" and record["config"]["batchnorm_init"] == "uniform"
     checkpoint = torch.load(csv_path.with_suffix(".pt"), weights_only=True)
-    scales = torch.cat([value for model in checkpoint["models"].values() for key, value in model.items()
+    scales = torch.cat([value for key, value in checkpoint["models"].items()
                         if key.endswith(".weight") and value.dim() == 1])  # BatchNorm's: the only 1-D weights
     assert len(scales) > 100 and scales.min() < 0.5  # after 2 small Adam steps, still spread as U(0, 1) drew them
     before = csv_path.read_bytes()

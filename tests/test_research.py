@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bz2
-import csv
 import json
 import statistics
 import subprocess
@@ -22,22 +21,11 @@ import plot_results
 import visualize
 from checkpoint import load_checkpoint, save_checkpoint
 from figures import confusion_matrix
-from results import CSV_COLUMNS
+from conftest import MCD_COLUMNS as CSV_COLUMNS, read_rows as _rows, train_args as _args
 from run_control import checkpoint_data, model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
-
-
-def _args(data_root: Path, csv_path: Path, *extra: str) -> list[str]:
-    return ["--data-root", str(data_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
-            "--epochs", "2", "--iters-per-epoch", "2", "--batch-size", "8", "--num-k", "1",
-            "--csv", str(csv_path), *extra]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -16,24 +15,13 @@ import torch
 import main as main_module
 import algorithms
 import train as train_module
-from checkpoint import RESULT_KEYS, load_checkpoint, save_checkpoint
-from conftest import make_digits_root
+from checkpoint import load_checkpoint, save_checkpoint
+from config import result_settings
+from conftest import LENET, MCD_COLUMNS as CSV_COLUMNS, make_digits_root, read_rows as _rows, train_args as _args
 from iteration import LossTally, NonFiniteLoss, NonFiniteWatch
-from results import CSV_COLUMNS
 from run_control import Interrupted, SignalGuard
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _args(data_root: Path, csv_path: Path, *extra: str, epochs: int = 2) -> list[str]:
-    return ["--data-root", str(data_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
-            "--epochs", str(epochs), "--iters-per-epoch", "2", "--batch-size", "8", "--num-k", "1",
-            "--csv", str(csv_path), *extra]
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
 
 
 def _results(path: Path) -> list[dict[str, str]]:
@@ -70,11 +58,12 @@ def _copy_run(source: Path, folder: Path) -> Path:
 def test_each_epoch_leaves_a_weights_only_checkpoint_that_agrees_with_the_csv(finished_run):
     checkpoint = torch.load(finished_run.with_suffix(".pt"), weights_only=True)  # no pickled code inside
     assert checkpoint["epoch"] == 2 and len(checkpoint["rows"]) == 2
-    assert set(checkpoint["models"]) == {"G", "F1", "F2"} and set(checkpoint["optimizers"]) == {"G", "F"}
-    assert checkpoint["optimizers"]["G"]["state"][0]["exp_avg"].shape == checkpoint["models"]["G"]["conv.0.weight"].shape
+    assert {key.split(".")[0] for key in checkpoint["models"]} == {"G", "F1", "F2"}  # the method's state_dict
+    assert set(checkpoint["optimizers"]) == {"G", "F"}
+    assert checkpoint["optimizers"]["G"]["state"][0]["exp_avg"].shape == checkpoint["models"]["G.conv.0.weight"].shape
     assert set(checkpoint["rng"]) == {"torch", "device", "numpy", "python"}
     assert [s["position"] for s in checkpoint["streams"]] == [32, 32]  # 2 epochs x 2 batches of 8, each stream
-    assert set(RESULT_KEYS) <= set(checkpoint["config"])
+    assert set(result_settings()) <= set(checkpoint["config"])
     csv_rows = _rows(finished_run)
     assert [int(r["epoch"]) for r in csv_rows] == [row["epoch"] for row in checkpoint["rows"]] == [1, 2]
     assert float(csv_rows[-1]["target_acc_ensemble"]) == pytest.approx(checkpoint["rows"][-1]["target_acc_ensemble"], abs=1e-4)
@@ -307,9 +296,6 @@ def test_interrupted_before_the_first_epoch_says_to_start_again(digits_root, tmp
 
 
 # The small LeNet-style network (MNIST -> USPS): these tests are about files and processes, not the model.
-LENET = ("--source", "mnist", "--target", "usps")
-
-
 def _lock(csv_path: Path) -> Path:
     return csv_path.with_suffix(".lock")
 
@@ -482,7 +468,7 @@ def test_a_row_that_fails_half_way_is_cut_off_again(tmp_path, monkeypatch):
     from config import Config
 
     csv_path = tmp_path / "rows.csv"
-    writer = results.ResultsWriter(Config(csv=str(csv_path)), {}, [])
+    writer = results.ResultsWriter(Config(csv=str(csv_path)), {}, [], algorithms.MCD.LOSSES)
     row = {column: 1 for column in CSV_COLUMNS}
     writer.append(row)
     before = csv_path.read_bytes()
@@ -502,7 +488,7 @@ def test_a_failed_record_says_what_is_intact(tmp_path, monkeypatch):
     from config import Config
 
     csv_path = tmp_path / "rows.csv"
-    writer = results.ResultsWriter(Config(csv=str(csv_path)), {}, [])
+    writer = results.ResultsWriter(Config(csv=str(csv_path)), {}, [], algorithms.MCD.LOSSES)
 
     def full(source, destination):
         raise OSError(28, "No space left on device")

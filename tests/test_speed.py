@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import benchmark
-from main import build_parser, resolve_speed
-from algorithms import MCD, SourceOnly, discrepancy
+from main import build_config, build_parser
+from algorithms import ALGORITHMS, MCD, discrepancy
 from config import Config, configure_backends
 from datasets import image_format
 from iteration import TrainStep
@@ -37,8 +37,8 @@ def _run_iterations(config: Config, iterations: int, batch_size: int, seed: int 
                                        "source_test": 1, "target_test": 1}, device, seed=seed,
                                       shape=(fmt.channels, fmt.size, fmt.size))
     torch.manual_seed(seed)
-    model = (MCD if config.method == "mcd" else SourceOnly)(config, device)
-    model.train_mode(True)
+    model = ALGORITHMS[config.method](config, device, iterations)
+    model.train()
     step = TrainStep(model, data.source_train, data.target_train)
     index = torch.Generator(device=device).manual_seed(seed)
     history = []
@@ -65,36 +65,20 @@ def _close(a: list[dict], b: list[dict], rel_first: float, rel_later: float) -> 
 
 def _speed(argv: list[str], device: str) -> dict:
     parser = build_parser()
-    return resolve_speed(parser.parse_args(argv), device, parser)
+    argv = [*argv, "--device", device]
+    with pytest.MonkeyPatch.context() as patch:  # pretend the device is there
+        patch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+        config = build_config(parser.parse_args(argv), parser)
+    return {name: getattr(config, name) for name in ("precision", "cuda_graph", "compile", "channels_last")}
 
 
 def test_auto_picks_the_fast_path_on_cuda_and_exact_fp32_elsewhere():
-    assert _speed([], "cpu") == {"precision": "fp32", "cuda_graph": False, "compile": False, "compile_step": False,
-                                 "channels_last": False, "graph_bookkeeping": False, "paired_heads": False}
-    cuda = _speed([], "cuda")
-    assert cuda == {"precision": "bf16", "cuda_graph": True, "compile": False, "compile_step": False,
-                    "channels_last": True, "graph_bookkeeping": False, "paired_heads": False}
-    assert {key: _speed(["--compile", "step"], "cpu")[key] for key in ("compile", "compile_step")} == \
-        {"compile": True, "compile_step": True}
-    assert _speed(["--graph-bookkeeping", "on"], "cuda")["graph_bookkeeping"] is True
-    assert _speed(["--precision", "fp32", "--cuda-graph", "off"], "cuda")["precision"] == "fp32"
+    assert _speed([], "cpu") == {"precision": "fp32", "cuda_graph": False, "compile": False, "channels_last": False}
+    assert _speed([], "cuda") == {"precision": "bf16", "cuda_graph": True, "compile": False, "channels_last": True}
+    assert _speed(["--precision", "fp32", "--cuda-graph", "off"], "cuda") == \
+        {"precision": "fp32", "cuda_graph": False, "compile": False, "channels_last": True}
     assert _speed(["--compile", "on", "--channels-last", "on"], "cpu")["compile"] is True
-
-
-def test_graph_bookkeeping_needs_the_cuda_graph(capsys):
-    with pytest.raises(SystemExit):
-        _speed(["--graph-bookkeeping", "on"], "cpu")
-    assert "--graph-bookkeeping on" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        _speed(["--graph-bookkeeping", "on", "--cuda-graph", "off"], "cuda")
-
-
-def test_paired_heads_are_for_the_svhn_network(capsys):
-    assert _speed(["--paired-heads", "on"], "cpu")["paired_heads"] is True
-    parser = build_parser()
-    with pytest.raises(SystemExit) as exit_info:
-        resolve_speed(parser.parse_args(["--paired-heads", "on"]), "cpu", parser, architecture="usps")
-    assert exit_info.value.code == 2 and "--paired-heads on pairs the SVHN network's heads" in capsys.readouterr().err
+    assert _speed(["--cuda-graph", "auto", "--protocol", "original"], "cuda")["precision"] == "fp32"
 
 
 def test_cuda_graph_on_a_cpu_is_a_clear_error(capsys):
@@ -114,12 +98,12 @@ def test_fp32_is_exact_and_tf32_is_opt_in():
 
 def test_bf16_autocasts_the_network_but_losses_stay_fp32():
     torch.manual_seed(0)
-    exact, fast = MCD(Config(), CPU), MCD(Config(precision="bf16"), CPU)
+    exact, fast = MCD(Config(), CPU, 1), MCD(Config(precision="bf16"), CPU, 1)
     fast.G.load_state_dict(exact.G.state_dict())
     fast.F1.load_state_dict(exact.F1.state_dict())
     fast.F2.load_state_dict(exact.F2.state_dict())
     for model in (exact, fast):
-        model.train_mode(False)  # no dropout: the two forward passes are comparable
+        model.eval()  # no dropout: the two forward passes are comparable
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
         l1_exact, _ = exact.heads(exact.features(x))
@@ -135,7 +119,7 @@ def test_bf16_autocasts_the_network_but_losses_stay_fp32():
 def test_bf16_keeps_activations_bf16_through_batchnorm_relu_and_pooling():
     # Autocast already runs BatchNorm, ReLU, max-pooling and dropout on the bf16 activations (none of them
     # is on its fp32 list), with fp32 running statistics: no cast back to fp32 between the matrix products.
-    model = MCD(Config(precision="bf16"), CPU)
+    model = MCD(Config(precision="bf16"), CPU, 1)
     seen = []
     for module in [*model.G.modules(), *model.F1.modules()]:
         if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.MaxPool2d, torch.nn.Dropout)):
@@ -144,19 +128,6 @@ def test_bf16_keeps_activations_bf16_through_batchnorm_relu_and_pooling():
     assert {name for name, _, _ in seen} == {"BatchNorm1d", "BatchNorm2d", "ReLU", "MaxPool2d", "Dropout"}
     assert all((i, o) == (torch.bfloat16, torch.bfloat16) for _, i, o in seen), seen
     assert model.G.conv[1].running_mean.dtype == model.F1.net[1].running_var.dtype == torch.float32
-
-
-def test_paired_heads_compute_the_same_training_steps():
-    plain, separate, _ = _run_iterations(Config(batch_size=8, num_k=2), 3, batch_size=8)
-    paired, model, _ = _run_iterations(Config(batch_size=8, num_k=2, paired_heads=True), 3, batch_size=8)
-    assert model.pair is not None
-    _close(plain, paired, rel_first=1e-5, rel_later=1e-3)
-    # Both heads trained as before, BatchNorm buffers too. Rounding differs, and where a gradient is ~0
-    # (a bias before BatchNorm) Adam turns that into steps of up to lr: rare, and at most a few lr.
-    for a, b in zip((separate.F1, separate.F2), (model.F1, model.F2)):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-            differences = (x.float() - y.float()).abs()
-            assert differences.max() <= 2 * 3 * Config.lr and (differences > 1e-5).float().mean() < 0.01, name
 
 
 def test_channels_last_computes_the_same_training_steps():
@@ -179,19 +150,6 @@ def test_compiled_training_computes_the_same_steps():
     _close(eager, compiled, rel_first=2e-4, rel_later=1e-2)
 
 
-def test_compiling_whole_steps_computes_the_same_steps():
-    # --compile step: each step's passes and loss compiled as one function (the LeNet network and
-    # num_k 1 keep the three compilations short); same masks as eager through fallback_random.
-    import torch._inductor.config
-
-    base = Config(source="mnist", target="usps", batch_size=8, num_k=1)
-    eager, _, _ = _run_iterations(base, 2, batch_size=8)
-    with torch._inductor.config.patch(fallback_random=True):
-        compiled, model, _ = _run_iterations(replace(base, compile=True, compile_step=True), 2, batch_size=8)
-    assert model.g is model.G and all(hasattr(getattr(model, name), "_torchdynamo_orig_callable") for name in MCD.STEP_PASSES)
-    _close(eager, compiled, rel_first=2e-4, rel_later=1e-2)
-
-
 def test_benchmark_prints_a_table_line_and_one_json_line():
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmark.py"), "--device", "cpu", "--method", "source_only",
@@ -211,15 +169,14 @@ def test_benchmark_prints_a_table_line_and_one_json_line():
 
 
 def test_benchmark_sweep_runs_each_variant_in_its_own_process(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(benchmark, "SWEEP_CPU", (("fp32", "off", "off", "off", "off", "off"),
-                                                 ("fp32", "on", "off", "off", "off", "off")))
+    monkeypatch.setattr(benchmark, "SWEEP_CPU", (("fp32", "off", "off", "off"), ("fp32", "on", "off", "off")))
     out = tmp_path / "speed.jsonl"
     args = benchmark.build_parser().parse_args(
         ["--sweep", "--device", "cpu", "--method", "source_only", "--batch-size", "8", "--iters", "1",
          "--repeats", "1", "--warmup", "1", "--out", str(out)])
     assert benchmark.sweep(args, "cpu") == 1  # the second variant cannot run on a CPU...
     table = capsys.readouterr().out
-    assert "| fp32, graph off, compile off, channels_last off, bookkeeping off, paired heads off |" in table
+    assert "| fp32, graph off, compile off, channels_last off |" in table
     assert "needs a CUDA device" in table  # ...and says why, in its row, without stopping the sweep
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records[0]["ms_per_iter_median"] > 0 and "error" in records[1]
@@ -275,20 +232,6 @@ def test_cuda_graph_replays_the_same_training_steps(method, rel_later):
 
 
 @needs_cuda
-def test_cuda_graph_bookkeeping_gives_the_same_steps_and_sums():
-    # The tally inside the graph must see every replay: same per-step losses (same kernels, so to
-    # rounding), and sums and the step count equal to those added after each replay.
-    base = Config(batch_size=32, device="cuda", cuda_graph=True, precision="bf16", deterministic=True)
-    outside, _, step_out = _run_iterations(base, 8, batch_size=32)
-    inside, _, step_in = _run_iterations(replace(base, graph_bookkeeping=True), 8, batch_size=32)
-    _close(outside, inside, rel_first=1e-6, rel_later=1e-6)
-    assert int(step_in.tally.count) == int(step_out.tally.count) == 8 and int(step_in.tally.first_bad) == -1
-    assert torch.allclose(step_in.tally.sums, step_out.tally.sums, rtol=1e-6)
-    expected = torch.tensor([sum(h[name] for h in inside) for name in inside[0]], device="cuda")
-    assert torch.allclose(step_in.tally.sums, expected, rtol=1e-5)
-
-
-@needs_cuda
 def test_cuda_bf16_graph_follows_fp32():
     exact, _, _ = _run_iterations(Config(batch_size=64, device="cuda", cuda_graph=True), 6, batch_size=64)
     fast, _, _ = _run_iterations(Config(batch_size=64, device="cuda", cuda_graph=True, precision="bf16"), 6, batch_size=64)
@@ -298,25 +241,15 @@ def test_cuda_bf16_graph_follows_fp32():
 
 
 @needs_cuda
-@pytest.mark.parametrize("compile_step", [False, True], ids=["modules", "step"])
-def test_cuda_compiled_graph_follows_eager(compile_step):
+def test_cuda_compiled_graph_follows_eager():
     import torch._inductor.config
 
     eager, _, _ = _run_iterations(Config(batch_size=32, device="cuda"), 6, batch_size=32)
-    compiled_config = Config(batch_size=32, device="cuda", cuda_graph=True, compile=True, compile_step=compile_step)
+    compiled_config = Config(batch_size=32, device="cuda", cuda_graph=True, compile=True)
     with torch._inductor.config.patch(fallback_random=True):
         compiled, _, step = _run_iterations(compiled_config, 6, batch_size=32)
     assert step.graph is not None
     _close(eager, compiled, rel_first=1e-3, rel_later=5e-2)  # inductor's own rounding: 1.3% seen on an H100
-
-
-@needs_cuda
-def test_cuda_paired_heads_follow_the_separate_heads_in_the_graph():
-    base = Config(batch_size=32, device="cuda", cuda_graph=True, precision="bf16", channels_last=True)
-    separate, _, _ = _run_iterations(base, 6, batch_size=32)
-    paired, model, step = _run_iterations(replace(base, paired_heads=True), 6, batch_size=32)
-    assert model.pair is not None and step.graph is not None
-    _close(separate, paired, rel_first=1e-2, rel_later=5e-2)  # bf16 products, rounded in another order
 
 
 @needs_cuda

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import benchmark
 from datasets import BatchStream, DigitsSplit, load_digits, to_model_input
 from algorithms import MCD, SourceOnly, discrepancy, random_directions, sliced_wasserstein_discrepancy
 from config import Config
@@ -33,8 +34,8 @@ def _all_changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
 @pytest.fixture()
 def mcd() -> MCD:
     torch.manual_seed(0)
-    model = MCD(Config(num_k=2), CPU)
-    model.train_mode(True)
+    model = MCD(Config(num_k=2), CPU, 1)
+    model.train()
     return model
 
 
@@ -78,11 +79,11 @@ def test_sliced_wasserstein_is_zero_for_identical_inputs_and_differentiable():
 
 def test_mcd_with_swd_draws_fresh_directions_and_runs_the_three_steps():
     torch.manual_seed(0)
-    model = MCD(Config(num_k=2, discrepancy="swd", swd_projections=16), CPU)
-    model.train_mode(False)  # same logits twice: only the directions can differ
+    model = MCD(Config(num_k=2, discrepancy="swd", swd_projections=16), CPU, 1)
+    model.eval()  # same logits twice: only the directions can differ
     logits = model.heads(model.features(torch.randn(8, 3, 32, 32)))
     assert model.discrepancy(logits).item() != model.discrepancy(logits).item()
-    model.train_mode(True)
+    model.train()
     G0, F10 = _params(model.G), _params(model.F1)
     losses = model.update(*_batch())
     assert set(losses) == {"loss_source", "discrepancy_b", "discrepancy_c"}
@@ -110,8 +111,8 @@ def test_step_b_changes_heads_only(mcd):
 def test_step_b_maximises_the_discrepancy():
     # With a source batch the heads already fit, step B's gradient must push d up, not down.
     torch.manual_seed(1)
-    model = MCD(Config(lr=1e-3), CPU)
-    model.train_mode(False)  # deterministic forward passes, so d before/after is comparable
+    model = MCD(Config(lr=1e-3), CPU, 1)
+    model.eval()  # deterministic forward passes, so d before/after is comparable
     xs, ys, xt = _batch(16, seed=3)
     features_t = model.G(xt).detach()
     before = discrepancy(*model.heads(features_t)).item()
@@ -148,18 +149,18 @@ def test_update_returns_on_device_losses(mcd):
 
 def test_source_only_is_step_a_alone():
     torch.manual_seed(0)
-    model = SourceOnly(Config(), CPU)
+    model = SourceOnly(Config(), CPU, 1)
     assert set(model.update(*_batch())) == {"loss_source"}
 
 
 def test_evaluate_scores_heads_and_ensemble_of_logits():
     torch.manual_seed(0)
-    model = SourceOnly(Config(), CPU)
+    model = SourceOnly(Config(), CPU, 1)
     g = torch.Generator().manual_seed(0)
     split = DigitsSplit(torch.randint(0, 256, (37, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (37,), generator=g))
     f1, f2, ensemble = model.evaluate(split, chunk_size=10)  # chunks of 10, 10, 10, 7
     assert model.G.training and model.F1.training  # evaluation puts the model back in training mode
-    model.train_mode(False)
+    model.eval()
     with torch.no_grad():
         l1, l2 = model.heads(model.G(to_model_input(split.images)))
     expect = lambda logits: 100.0 * (logits.argmax(1) == split.labels).sum().item() / 37  # noqa: E731
@@ -169,11 +170,12 @@ def test_evaluate_scores_heads_and_ensemble_of_logits():
 def test_source_only_learning_is_real(digits_root):
     torch.manual_seed(0)
     data = load_digits(digits_root, download=False, allow_unverified=True, device=CPU)
-    model = SourceOnly(Config(batch_size=32), CPU)  # the paper's lr and weight decay
-    model.train_mode(True)
+    model = SourceOnly(Config(batch_size=32), CPU, 1)  # the paper's lr and weight decay
+    model.train()
     _, _, before = model.evaluate(data.source_test, 512)
     streams = (BatchStream(len(data.source_train), 32, CPU, 0), BatchStream(len(data.target_train), 32, CPU, 1))
-    [losses] = train_epoch([Lane(TrainStep(model, data.source_train, data.target_train), streams)], iterations=30, desc="learning")
+    run = benchmark.TimedRun(TrainStep(model, data.source_train, data.target_train), streams, Lane(CPU))
+    [losses] = train_epoch([run], iterations=30, desc="learning")
     _, _, after = model.evaluate(data.source_test, 512)
     assert before < 30  # chance is 10%
     assert after > 60, f"source accuracy {after:.1f}% after 30 iterations"
