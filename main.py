@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(flag, dest=setting.name, type=meta["parse"], choices=choices, metavar=metavar, help=shown)
     groups["run"].add_argument("--seeds", type=_seeds, nargs="+", default=None, metavar="SEED",
                                help="run once per seed (e.g. 1 2 3, or 1-5), each to CSV_seedN.csv, then write "
-                                    "CSV_summary.csv with mean ± std of the last epoch; overrides --seed")
+                                    "CSV_summary.csv with mean ± std of the last epoch; overrides --seed. One seed "
+                                    "after another on every device (CUDA too, until seeds side by side are "
+                                    "measured there: see --parallel-seeds)")
     groups["run"].add_argument("--debug", action="store_true", default=False,
                                help="print the traceback behind an error message")
     groups["output"].add_argument("--evaluate", metavar="CHECKPOINT", type=Path, default=None,

@@ -183,7 +183,7 @@ def run_record(config: Config, files: list[DataFile], device: torch.device, iter
 
 
 # How the console names a loss column (others by their own name).
-SHORT_NAMES = {"loss_source": "loss", "discrepancy_b": "d_B", "discrepancy_c": "d_C", "loss_domain": "domain"}
+SHORT_NAMES = {"loss_source": "loss", "discrepancy_b": "d_B", "discrepancy_c": "d_C"}
 
 
 def summary_line(row: dict[str, float | int | None], epochs: int, losses: tuple[str, ...]) -> str:

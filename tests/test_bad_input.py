@@ -1,4 +1,4 @@
-"""Every row of the README's "What happens when…" table: a one-line error, exit code 2, and an earlier
+"""Every row of docs/resuming.md's "What happens when…" table: a one-line error, exit code 2, and an earlier
 run's files beside --csv left exactly as they were."""
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import signal
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -13,12 +14,13 @@ import torch
 
 import algorithms
 import main as main_module
+import train as train_module
 from algorithms import ALGORITHMS, DANN, GradientReversal
 from checkpoint import ResumeError, load_checkpoint
 from config import Config, result_settings
 from conftest import LENET, read_rows, train_args
 from results import csv_columns
-from run_control import check_resumable
+from run_control import Interrupted, check_resumable
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,11 +70,20 @@ def test_dann_follows_the_papers_schedule_and_reverses_the_domain_gradient_into_
     assert int(model.iterations_done) == 5 and "iterations_done" in model.state_dict()
 
 
-def test_dann_trains_resumes_and_writes_its_own_loss_columns(digits_root, tmp_path):
+def test_dann_trains_resumes_and_writes_its_own_loss_columns(digits_root, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight.csv", tmp_path / "resumed.csv"
     flags = ("--method", "dann", "--deterministic", *LENET)
     assert main_module.main(train_args(digits_root, straight, *flags, epochs=3)) == 0
-    assert main_module.main(train_args(digits_root, resumed, *flags, epochs=2)) == 0
+    real_end_epoch = train_module.Run.end_epoch
+
+    def stop_after_epoch_2(run, losses, seconds):  # a SIGTERM as epoch 2 is saved
+        real_end_epoch(run, losses, seconds)
+        if run.epoch == 2:
+            raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(train_module.Run, "end_epoch", stop_after_epoch_2)
+    assert main_module.main(train_args(digits_root, resumed, *flags, epochs=3)) == 143
+    monkeypatch.undo()
     assert main_module.main(train_args(digits_root, resumed, *flags, "--resume", epochs=3)) == 0
     assert list(read_rows(straight)[0]) == list(csv_columns(DANN.LOSSES))
     without_time = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731

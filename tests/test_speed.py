@@ -1,7 +1,7 @@
 """The fast paths compute what the plain path computes, and benchmark.py measures and reports.
 
 CPU tests run everywhere; the CUDA-graph tests run wherever a GPU is present (they are skipped on CI,
-which has none) and are part of the GPU check in the README's Speed section.
+which has none) and are part of the GPU check (.ci/gpu-check, docs/speed.md).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
