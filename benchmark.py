@@ -300,7 +300,7 @@ def _chunk_sizes(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
     add = parser.add_argument
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda if available")
     add("--method", choices=METHODS, default="mcd")

@@ -24,18 +24,18 @@ from run_control import RunStopped
 from train import evaluate_checkpoint, run_seeds, train
 
 
-def _seeds(text: str) -> list[int]:
-    """'3' -> [3]; '1-5' -> [1, 2, 3, 4, 5]."""
-    first, _, last = text.partition("-")
+def seed_range(text: str) -> list[int]:
+    """'3' -> [3]; '1-5' -> [1, 2, 3, 4, 5]; bounds checked before any list is made."""
+    first, dash, last = text.partition("-")
     try:
-        seeds = list(range(int(first), int(last or first) + 1))
+        low, high = int(first), int(last if dash else first)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a seed or a range such as 1-5") from None
-    if not seeds:
+    if low > high:
         raise argparse.ArgumentTypeError(f"{text!r} is an empty range")
-    if not 0 <= seeds[0] <= seeds[-1] <= MAX_SEED:
+    if not 0 <= low <= high <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"{text!r}: seeds must be between 0 and {MAX_SEED}")
-    return seeds
+    return list(range(low, high + 1))
 
 
 def seed_list(args: argparse.Namespace) -> list[int] | None:
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags: one per Config setting (config.py declares each once), grouped, plus the command line's
     own (--seeds, --evaluate, --debug). A flag not given stays out of the namespace (SUPPRESS), so
     config.resolve() knows exactly which were given."""
-    parser = OneLineErrors(prog="main.py", argument_default=argparse.SUPPRESS,
+    parser = OneLineErrors(prog="main.py", argument_default=argparse.SUPPRESS, allow_abbrev=False,
                            description="Maximum Classifier Discrepancy (CVPR 2018) domain adaptation: SVHN -> MNIST, "
                                        "MNIST <-> USPS (docs/settings.md lists every flag).")
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
             choices = meta["choices"] or CHOICES_FROM_CODE.get(setting.name)
             metavar = "{auto,on,off}" if meta["parse"] is switch else None
             group.add_argument(flag, dest=setting.name, type=meta["parse"], choices=choices, metavar=metavar, help=shown)
-    groups["run"].add_argument("--seeds", type=_seeds, nargs="+", default=None, metavar="SEED",
+    groups["run"].add_argument("--seeds", type=seed_range, nargs="+", default=None, metavar="SEED",
                                help="run once per seed (e.g. 1 2 3, or 1-5), each to CSV_seedN.csv, then write "
                                     "CSV_summary.csv with mean ± std of the last epoch; overrides --seed. One seed "
                                     "after another on every device (CUDA too, until seeds side by side are "

@@ -142,7 +142,7 @@ def plot(paths: list[Path], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Plot per-epoch accuracies from main.py's results CSVs.")
+    parser = argparse.ArgumentParser(description="Plot per-epoch accuracies from main.py's results CSVs.", allow_abbrev=False)
     parser.add_argument("csv", nargs="+", type=Path, help="one or more results CSVs")
     parser.add_argument("--out", type=Path, default=None, help="output PNG (default: the first CSV with .png)")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Sweeps: the paper's Table 1 as a grid of main.py runs, on local GPUs or Slurm through submitit.
+"""Sweeps: the paper's Table 1 as a grid of main.py runs, on local GPUs or Slurm (through submitit).
 
     python sweep.py launch --out runs/table1 --pairs svhn:mnist mnist:usps usps:mnist \\
         --methods mcd source_only --seeds 1-5 --launcher local [--wait] [main.py flags ...]
@@ -6,11 +6,13 @@
     python sweep.py table runs/table1       # table.md + table.csv: mean ± std of the last epoch, with n
 
 One job per (pair, method): a normal `main.py --seeds ... --resume` run into SWEEP_DIR/<pair>_<method>/,
-its log in main.log there. --resume makes a relaunch of the same command continue where it stopped: a
-job whose summary exists is skipped, a finished seed trains nothing, an interrupted one resumes, and
-the run lock keeps two jobs off one output. `local` splits the grid into one shard per visible GPU
-(submitit's local executor starts every job at once and queues nothing) and runs each shard's jobs in
-turn on its GPU; `slurm` submits one array job, one task per job. The grid is saved in sweep.json.
+its log in main.log there. A job is its whole command: relaunching with the same flags continues what
+is unfinished, with more --epochs or seeds extends it, and with another result-changing setting is
+refused (choose a new --out); another grid adds its jobs beside the earlier ones. sweep.json holds
+each job's command, with paths relative to the sweep folder. `local` starts one worker per visible
+GPU; each takes the next job nobody has taken (a balanced queue) and runs it on its GPU; Ctrl-C or
+SIGTERM to `launch --wait` stops every worker and run, each run keeping its last checkpoint. `slurm`
+submits one array job, one task per job.
 """
 
 from __future__ import annotations
@@ -19,74 +21,193 @@ import argparse
 import csv
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import submitit
-
 from algorithms import METHODS
+from config import positive_int, resolve, result_settings, settings
 from datasets import DOMAINS
-from main import _seeds
-from results import seed_csv, summary_path
+from main import OneLineErrors, build_parser as main_parser, seed_range
+from results import OutputError, atomic_text, seed_csv
 from run_control import lock_holder
 
 ROOT = Path(__file__).resolve().parent
 MANIFEST = "sweep.json"
 RESULTS = "results.csv"  # each job's --csv, inside its folder
+# main.py settings the grid sets itself, per job (by their parsed names: no spelling gets past).
+GRID_SETTINGS = ("source", "target", "method", "seed", "csv", "resume", "overwrite")
+
+
+class SweepError(Exception):
+    """What the user must change; the message is one line."""
 
 
 @dataclass(frozen=True)
 class Job:
-    """One (pair, method) of the grid: a main.py run over all seeds."""
+    """One (pair, method) of the grid: a main.py run over all seeds, in the folder `name` of the sweep."""
 
-    folder: str  # SWEEP_DIR/<source>_<target>_<method>
+    name: str  # <source>_<target>_<method>
     source: str
     target: str
     method: str
     seeds: list[str]  # as given: "1-5", "7"
-    flags: list[str]  # every other main.py flag, the same for all jobs
+    flags: list[str] = field(default_factory=list)  # every other main.py flag, the same for all jobs
 
-    @property
-    def csv(self) -> Path:
-        return Path(self.folder) / RESULTS
+    def csv(self, out: Path) -> Path:
+        return out / self.name / RESULTS
 
-    def argv(self) -> list[str]:
+    def argv(self, out: Path) -> list[str]:
         return ["--source", self.source, "--target", self.target, "--method", self.method, "--seeds", *self.seeds,
-                "--csv", str(self.csv), "--resume", *self.flags]
+                "--csv", str(self.csv(out).absolute()), "--resume", *self.flags]
 
-    def done(self) -> bool:
-        """Its summary is written only once every seed has finished."""
-        return summary_path(self.csv).exists()
+    def settings(self) -> dict:
+        """What the job computes: its result-changing settings (as main.py resolves them, on a CPU, so that
+        the launching machine's devices do not matter) and its epochs."""
+        namespace = main_parser().parse_args(["--source", self.source, "--target", self.target, "--method", self.method,
+                                              *self.flags])
+        given = {s.name: getattr(namespace, s.name) for s in settings() if hasattr(namespace, s.name)}
+        auto_precision = "precision" not in given
+        config = resolve({**given, "device": "cpu", "cuda_graph": False})
+        values = {name: getattr(config, name) for name in (*result_settings(), "epochs") if name != "seed"}
+        if auto_precision:  # the device's choice, made where the job runs
+            values["precision"] = "auto"
+        return values
+
+    def finished_seeds(self, out: Path) -> list[int]:
+        """The seeds whose record says every one of this job's epochs is done."""
+        epochs, finished = self.settings()["epochs"], []
+        for seed in seed_numbers(self.seeds):
+            record = seed_csv(self.csv(out), seed).with_suffix(".json")
+            if record.is_file():
+                try:
+                    saved = json.loads(record.read_text())
+                    complete = saved["epochs_completed"] >= epochs and saved["final_row"] is not None
+                except (OSError, ValueError, KeyError, TypeError):
+                    raise SweepError(f"{record} is not a results record of main.py; delete the folder "
+                                     f"{record.parent} and relaunch to run that job again") from None
+                if complete:
+                    finished.append(seed)
+        return finished
+
+    def done(self, out: Path) -> bool:
+        return len(self.finished_seeds(out)) == len(seed_numbers(self.seeds))
 
 
-def expand_grid(out: Path, pairs: list[str], methods: list[str], seeds: list[str], flags: list[str]) -> list[Job]:
-    jobs = []
-    for pair in pairs:
-        source, _, target = pair.partition(":")
-        for method in methods:
-            jobs.append(Job(str(out / f"{source}_{target}_{method}"), source, target, method, seeds, flags))
-    return jobs
+def expand_grid(pairs: list[str], methods: list[str], seeds: list[str], flags: list[str]) -> list[Job]:
+    return [Job(f"{source}_{target}_{method}", source, target, method, seeds, flags)
+            for source, _, target in (pair.partition(":") for pair in pairs) for method in methods]
 
 
-def run_jobs(jobs: list[Job], gpu: int | None) -> list[int]:
-    """One shard, in turn: each job a main.py process on `gpu` (all visible ones when None). Runs inside
-    a submitit job; returns main.py's exit code per job (0 for one skipped as done)."""
+def seed_numbers(seeds: list[str]) -> list[int]:
+    """['1-3', '7'] -> [1, 2, 3, 7], read as main.py reads --seeds."""
+    return sorted({seed for text in seeds for seed in seed_range(text)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The manifest: every job launched into this folder, as last launched
+
+
+def load_jobs(out: Path) -> list[Job]:
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        raise SweepError(f"{manifest} does not exist; start the sweep with python sweep.py launch --out {out}")
+    try:
+        saved = json.loads(manifest.read_text(encoding="utf-8"))
+        if isinstance(saved, list):  # the first format: absolute folders
+            saved = {"jobs": [{**job, "name": Path(job.pop("folder")).name} for job in saved]}
+        return [Job(**job) for job in saved["jobs"]]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise SweepError(f"{manifest} is not a sweep manifest ({type(error).__name__}); restore it, or relaunch "
+                         "into a new --out") from None
+
+
+def merge_jobs(out: Path, jobs: list[Job]) -> list[Job]:
+    """The manifest's jobs with these launched into it: a job of the same name must compute the same thing
+    (its seeds and epochs may grow); other jobs stay beside them."""
+    earlier = {job.name: job for job in load_jobs(out)} if (out / MANIFEST).exists() else {}
+    for job in jobs:
+        before = earlier.get(job.name)
+        if before is None:
+            continue
+        old, new = before.settings(), job.settings()
+        changed = [f"{key} {old[key]!r} -> {new[key]!r}" for key in old if key != "epochs" and old[key] != new[key]]
+        if new["epochs"] < old["epochs"]:
+            changed.append(f"epochs {old['epochs']} -> {new['epochs']} (fewer)")
+        if changed:
+            raise SweepError(f"{out / job.name} was launched with other settings ({'; '.join(changed)}); relaunch "
+                             "with its flags, or choose a new --out for these")
+    return list({**earlier, **{job.name: job for job in jobs}}.values())
+
+
+def save_jobs(out: Path, jobs: list[Job]) -> None:
+    with atomic_text(out / MANIFEST, "; the earlier manifest is intact") as file:
+        file.write(json.dumps({"jobs": [asdict(job) for job in jobs]}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running jobs
+
+
+def run_job(out: Path, job: Job, gpu: int | None, note: str = "") -> subprocess.Popen:
+    """main.py for one job, on `gpu` (all visible ones when None), its output appended to main.log
+    (after `note`)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    codes = []
-    for job in jobs:
-        if job.done():
-            codes.append(0)
+    folder = out / job.name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "main.log", "a") as log:
+        if note:
+            log.write(note + "\n")
+            log.flush()
+        return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *job.argv(out)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def work(out: Path, launch_id: str, gpu: int | None) -> int:
+    """One local worker: takes the next job of the launch that no worker has taken (an exclusive create of
+    its claim file, portable and atomic) and runs it, until none is left. A signal is passed on to the
+    run and stops the worker; so does a run that was interrupted. Exit: 0, 1 if a run failed, or 128+signal."""
+    claims = out / ".claims" / launch_id
+    stopped: list[int] = []
+    running: list[subprocess.Popen] = []
+
+    def stop(signum: int, frame) -> None:
+        stopped.append(signum)
+        for process in running:
+            process.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    failed = False
+    for job in load_jobs(out):
+        if stopped:
+            break
+        try:
+            os.close(os.open(claims / job.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:  # another worker has it, or it is not part of this launch
             continue
-        Path(job.folder).mkdir(parents=True, exist_ok=True)
-        with open(Path(job.folder) / "main.log", "a") as log:
-            codes.append(subprocess.call([sys.executable, str(ROOT / "main.py"), *job.argv()], stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, cwd=ROOT))
-    return codes
+        if job.done(out):
+            continue
+        where = f"GPU {gpu}" if gpu is not None else "the visible devices"
+        running.append(run_job(out, job, gpu, f"== sweep worker {os.getpid()} on {where}"))
+        code = running[0].wait()
+        running.clear()
+        if code in (130, 143) or code < 0:  # the run was interrupted: so is the sweep
+            stopped.append(code if code > 0 else 128 - code)
+        failed |= code != 0
+    return (stopped[0] if stopped[0] > 128 else 128 + stopped[0]) if stopped else int(failed)
+
+
+def slurm_task(out: str, name: str) -> int:
+    """One Slurm array task: one job's main.py; its exit code."""
+    job = next(job for job in load_jobs(Path(out)) if job.name == name)
+    return run_job(Path(out), job, None).wait()
 
 
 def visible_gpus() -> int:
@@ -95,8 +216,10 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def slurm_executor(folder: Path, args: argparse.Namespace) -> submitit.AutoExecutor:
+def slurm_executor(folder: Path, args: argparse.Namespace):
     """submitit's Slurm executor with the sweep's resources; one array task per job."""
+    import submitit
+
     executor = submitit.AutoExecutor(folder=folder / "submitit" / "%j", cluster="slurm")
     executor.update_parameters(name="mcd-sweep", timeout_min=args.time, gpus_per_node=args.gpus_per_job,
                                mem_gb=args.mem, slurm_partition=args.partition,
@@ -104,93 +227,124 @@ def slurm_executor(folder: Path, args: argparse.Namespace) -> submitit.AutoExecu
     return executor
 
 
-# main.py flags the grid sets itself, per job.
-GRID_FLAGS = ("--source", "--target", "--method", "--seed", "--seeds", "--csv", "--resume", "--overwrite", "--evaluate")
+def checked_flags(flags: list[str]) -> list[str]:
+    """The pass-through flags, read by main.py's own parser (no abbreviations); the grid's are refused."""
+    namespace = main_parser().parse_args(flags)  # a bad flag: main.py's one-line error, exit 2
+    taken = [name for name in GRID_SETTINGS if hasattr(namespace, name)]
+    taken += [name for name in ("seeds", "evaluate") if getattr(namespace, name) is not None]
+    if taken:
+        raise SweepError(f"{', '.join('--' + name.replace('_', '-') for name in taken)}: the sweep sets these per job "
+                         "(--pairs, --methods, --seeds, --out)")
+    return flags
 
 
 def launch(args: argparse.Namespace, flags: list[str]) -> int:
-    taken = [flag for flag in flags if flag.split("=")[0] in GRID_FLAGS]
-    if taken:
-        raise SystemExit(f"error: {' '.join(taken)}: the sweep sets these per job (--pairs, --methods, --seeds, --out)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out {out} is a file; give a folder for the sweep")
+    jobs = merge_jobs(out, expand_grid(args.pairs, args.methods, args.seeds, checked_flags(flags)))
+    launched = {job.name for job in expand_grid(args.pairs, args.methods, args.seeds, flags)}
     try:
-        seed_numbers(args.seeds)
-    except argparse.ArgumentTypeError as error:
-        raise SystemExit(f"error: --seeds {error}")
-    out = Path(args.out).absolute()
-    jobs = expand_grid(out, args.pairs, args.methods, args.seeds, flags)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).write_text(json.dumps([asdict(job) for job in jobs], indent=2) + "\n")
-    pending = [job for job in jobs if not job.done()]
-    print(f"{len(jobs)} jobs, {len(jobs) - len(pending)} done already, {len(pending)} to run")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SweepError(f"--out {out}: cannot create it ({error.strerror}); choose another folder") from None
+    try:
+        save_jobs(out, jobs)
+    except OutputError as error:
+        raise SweepError(str(error)) from None
+    pending = [job for job in jobs if job.name in launched and not job.done(out)]
+    print(f"{len(launched)} jobs, {len(launched) - len(pending)} done already, {len(pending)} to run")
     if not pending:
         print_table(out)
         return 0
-    # The jobs unpickle this module's functions: let them import the project from wherever they start.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     if args.launcher == "slurm":
         try:
             executor = slurm_executor(out, args)
         except RuntimeError as error:  # submitit found no srun: not on a Slurm cluster
-            raise SystemExit(f"error: --launcher slurm: {error} Run this on the cluster, or use --launcher local")
-        submitted = executor.map_array(run_jobs, [[job] for job in pending], [None] * len(pending))
-    else:
-        gpus = args.gpus if args.gpus is not None else visible_gpus()
-        shards = [pending[i::max(gpus, 1)] for i in range(max(gpus, 1))]
-        executor = submitit.AutoExecutor(folder=out / "submitit" / "%j", cluster="local")
-        executor.update_parameters(name="mcd-sweep", timeout_min=args.time)
-        submitted = [executor.submit(run_jobs, shard, gpu if gpus else None)
-                     for gpu, shard in enumerate(shards) if shard]
-    print("submitted: " + ", ".join(job.job_id for job in submitted))
+            raise SweepError(f"--launcher slurm: {error} Run this on the cluster, or use --launcher local") from None
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        submitted = executor.map_array(slurm_task, [str(out.absolute())] * len(pending), [job.name for job in pending])
+        print("submitted: " + ", ".join(job.job_id for job in submitted))
+        if not args.wait:
+            print(f"follow with: python sweep.py status {out}")
+            return 0
+        codes = [job.result() for job in submitted]
+        print_table(out)
+        return 0 if all(code == 0 for code in codes) else 1
+    return launch_local(out, pending, args)
+
+
+def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int:
+    """One worker per GPU (one on the CPU with --gpus 0), each in its own session, so that a terminal's
+    Ctrl-C reaches them once, through this launcher."""
+    launch_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    claims = out / ".claims" / launch_id
+    claims.mkdir(parents=True)
+    for job in load_jobs(out):  # only this launch's pending jobs are free to take
+        if job not in pending:
+            (claims / job.name).touch()
+    gpus = args.gpus if args.gpus is not None else visible_gpus()
+    workers = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "_work", str(out), launch_id,
+                                 *([str(gpu)] if gpus else [])], cwd=ROOT, start_new_session=True)
+               for gpu in range(min(max(gpus, 1), len(pending)))]
+    print(f"started {len(workers)} worker(s): pids {', '.join(str(w.pid) for w in workers)}")
     if not args.wait:
-        print(f"follow with: python sweep.py status {out}")
+        print(f"follow with: python sweep.py status {out}; stop with: kill {' '.join(str(w.pid) for w in workers)}")
         return 0
-    codes = [code for job in submitted for code in job.result()]
+    received: list[int] = []
+
+    def stop(signum: int, frame) -> None:
+        received.append(signum)
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    codes = [worker.wait() for worker in workers]
+    if received:
+        print(f"sweep stopped by {signal.Signals(received[0]).name}: every run kept its last checkpoint; relaunch "
+              "the same command to continue", file=sys.stderr)
+        return 128 + received[0]
     print_table(out)
-    return 0 if all(code == 0 for code in codes) else 1
+    interrupted = [code for code in codes if code > 128]
+    return interrupted[0] if interrupted else (0 if all(code == 0 for code in codes) else 1)
 
 
-def load_jobs(out: Path) -> list[Job]:
-    manifest = out / MANIFEST
-    if not manifest.is_file():
-        raise SystemExit(f"error: {manifest} does not exist; start the sweep with python sweep.py launch --out {out}")
-    return [Job(**job) for job in json.loads(manifest.read_text())]
+# ---------------------------------------------------------------------------------------------------
+# Status and table
 
 
-def job_state(job: Job) -> str:
-    if job.done():
+def job_state(out: Path, job: Job) -> str:
+    if job.done(out):
         return "done"
-    holder = lock_holder(job.csv)
+    holder = lock_holder(job.csv(out))
     if holder:
         return f"running ({holder})"
-    log = Path(job.folder) / "main.log"
+    log = out / job.name / "main.log"
     if not log.exists():
         return "not started"
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     return f"failed: {lines[-1] if lines else 'empty log'}"
 
 
+def describe(job: Job) -> str:
+    """What a job's cell was made with: its seeds and every pass-through flag."""
+    return f"seeds {' '.join(job.seeds)}" + (f", {' '.join(job.flags)}" if job.flags else "")
+
+
 def status(out: Path) -> int:
     for job in load_jobs(out):
-        print(f"{Path(job.folder).name}: {job_state(job)}")
+        print(f"{job.name}: {job_state(out, job)} [{describe(job)}]")
     return 0
 
 
-def seed_numbers(seeds: list[str]) -> list[int]:
-    """['1-3', '7'] -> [1, 2, 3, 7], read as main.py reads --seeds."""
-    return sorted({seed for text in seeds for seed in _seeds(text)})
-
-
-def job_result(job: Job) -> dict:
-    """The last epoch's target ensemble accuracy of each seed that finished all its epochs."""
-    finished = []
-    for seed in seed_numbers(job.seeds):
-        record = seed_csv(job.csv, seed).with_suffix(".json")
-        if record.is_file():
-            saved = json.loads(record.read_text())
-            if saved["final_row"] and saved["epochs_completed"] == saved["config"]["epochs"]:
-                finished.append(saved["final_row"]["target_acc_ensemble"])
+def job_result(out: Path, job: Job) -> dict:
+    """The last epoch's target ensemble accuracy of each seed that finished all of the job's epochs."""
+    finished = job.finished_seeds(out)
+    values = [json.loads(seed_csv(job.csv(out), seed).with_suffix(".json").read_text())["final_row"]["target_acc_ensemble"]
+              for seed in finished]
     expected = len(seed_numbers(job.seeds))
-    return {"values": finished, "n": len(finished), "expected": expected, "complete": len(finished) == expected}
+    return {"values": values, "n": len(values), "expected": expected, "complete": len(values) == expected}
 
 
 def cell(result: dict) -> str:
@@ -206,19 +360,24 @@ def print_table(out: Path) -> None:
     jobs = load_jobs(out)
     pairs = list(dict.fromkeys(f"{job.source}→{job.target}" for job in jobs))
     methods = list(dict.fromkeys(job.method for job in jobs))
-    results = {(job.method, f"{job.source}→{job.target}"): job_result(job) for job in jobs}
+    results = {(job.method, f"{job.source}→{job.target}"): (job, job_result(out, job)) for job in jobs}
     lines = ["| method | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
-    lines += [f"| {method} | " + " | ".join(cell(results[method, pair]) if (method, pair) in results else "" for pair in pairs)
-              + " |" for method in methods]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    with open(out / "table.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["method", "pair", "mean", "std", "n", "seeds", "complete"])
-        for (method, pair), result in results.items():
-            values = result["values"]
-            writer.writerow([method, pair, f"{statistics.fmean(values):.4f}" if values else "",
-                             f"{statistics.stdev(values):.4f}" if len(values) > 1 else "", result["n"],
-                             result["expected"], result["complete"]])
+    lines += [f"| {method} | " + " | ".join(cell(results[method, pair][1]) if (method, pair) in results else ""
+                                           for pair in pairs) + " |" for method in methods]
+    made_with = sorted({describe(job) for job, _ in results.values()})
+    try:
+        with atomic_text(out / "table.md") as file:
+            file.write("\n".join(lines) + "\n\nmade with: " + "; ".join(made_with) + "\n")
+        with atomic_text(out / "table.csv") as file:
+            writer = csv.writer(file)
+            writer.writerow(["method", "pair", "mean", "std", "n", "seeds", "complete", "made_with"])
+            for (method, pair), (job, result) in results.items():
+                values = result["values"]
+                writer.writerow([method, pair, f"{statistics.fmean(values):.4f}" if values else "",
+                                 f"{statistics.stdev(values):.4f}" if len(values) > 1 else "", result["n"],
+                                 result["expected"], result["complete"], describe(job)])
+    except OutputError as error:
+        raise SweepError(str(error)) from None
     print("target test accuracy (ensemble), last epoch, mean ± sample std over seeds")
     print("\n".join(lines))
     print(f"wrote {out / 'table.md'} and {out / 'table.csv'}")
@@ -231,38 +390,59 @@ def _pair(text: str) -> str:
     return text
 
 
+def _seeds(text: str) -> str:
+    seed_range(text)  # refused here, with main.py's message
+    return text
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    # allow_abbrev off: main.py's --seed must pass through, not be read as --seeds
-    go = commands.add_parser("launch", help="expand the grid and submit its jobs (again: continue it)", allow_abbrev=False)
+    parser = OneLineErrors(prog="sweep.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
+    go = commands.add_parser("launch", help="expand the grid and start its jobs (again: continue or extend it)",
+                             allow_abbrev=False)
     go.add_argument("--out", required=True, help="the sweep's folder")
     go.add_argument("--pairs", nargs="+", type=_pair, default=["svhn:mnist"], help="SOURCE:TARGET pairs")
     go.add_argument("--methods", nargs="+", choices=METHODS, default=["mcd", "source_only"])
-    go.add_argument("--seeds", nargs="+", default=["1-5"], help="as main.py --seeds")
+    go.add_argument("--seeds", nargs="+", type=_seeds, default=["1-5"], help="as main.py --seeds")
     go.add_argument("--launcher", choices=("local", "slurm"), default="local")
-    go.add_argument("--gpus", type=int, default=None, help="local: shards, one per GPU (default: all visible; 0: CPU)")
+    go.add_argument("--gpus", type=_non_negative_int, default=None,
+                    help="local: workers, one per GPU (default: all visible; 0: one on the CPU)")
     go.add_argument("--wait", action="store_true", help="wait for every job, then print the table")
-    go.add_argument("--time", type=int, default=24 * 60, help="minutes a job may run")
+    go.add_argument("--time", type=positive_int, default=24 * 60, help="slurm: minutes a job may run")
     go.add_argument("--partition", default=None, help="slurm: the partition")
-    go.add_argument("--gpus-per-job", type=int, default=1, help="slurm: GPUs per job")
+    go.add_argument("--gpus-per-job", type=positive_int, default=1, help="slurm: GPUs per job")
     go.add_argument("--mem", type=float, default=32, help="slurm: memory per job in GB")
-    go.add_argument("--array-parallelism", type=int, default=64, help="slurm: array tasks running at once")
+    go.add_argument("--array-parallelism", type=positive_int, default=64, help="slurm: array tasks running at once")
     for name, text in (("status", "each job's state"), ("table", "the Table 1 summary")):
-        commands.add_parser(name, help=text).add_argument("out", help="the sweep's folder")
+        commands.add_parser(name, help=text, allow_abbrev=False).add_argument("out", help="the sweep's folder")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, flags = build_parser().parse_known_args(argv)
-    if args.command != "launch" and flags:
-        raise SystemExit(f"error: unknown arguments {' '.join(flags)}")
-    if args.command == "launch":
-        return launch(args, flags)
-    if args.command == "status":
-        return status(Path(args.out))
-    print_table(Path(args.out))
-    return 0
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_work"]:  # a local worker, started by launch_local: OUT LAUNCH_ID [GPU]
+        return work(Path(argv[1]), argv[2], int(argv[3]) if len(argv) > 3 else None)
+    parser = build_parser()
+    args, flags = parser.parse_known_args(argv)
+    try:
+        if args.command != "launch" and flags:
+            raise SweepError(f"unknown arguments {' '.join(flags)}")
+        if args.command == "launch":
+            return launch(args, flags)
+        if args.command == "status":
+            return status(Path(args.out))
+        print_table(Path(args.out))
+        return 0
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

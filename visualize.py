@@ -84,7 +84,8 @@ def save_tsne(models: list[tuple[str, SourceOnly]], data: Digits, out: Path, ima
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrors(prog="visualize.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    parser = OneLineErrors(prog="visualize.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
+                           allow_abbrev=False)
     parser.add_argument("checkpoint", type=Path, help="a .pt written by main.py")
     parser.add_argument("--compare", type=Path, default=None, help="a second checkpoint (e.g. source-only) for the t-SNE")
     parser.add_argument("--images", type=positive_int, default=1000, help="test images per domain in the t-SNE")

@@ -37,9 +37,32 @@ def _last_rows(folder: Path) -> list[float]:
 
 
 def _status(out: Path, capsys: pytest.CaptureFixture) -> dict[str, str]:
+    """Each job's state (what it was made with, in brackets after it, left out)."""
     capsys.readouterr()
     assert sweep.main(["status", str(out)]) == 0
-    return dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    return {name: state.rsplit(" [", 1)[0] for name, state in
+            (line.split(": ", 1) for line in capsys.readouterr().out.splitlines())}
+
+
+def _processes_of(out: Path) -> list[int]:
+    """Every process of the sweep: launcher, workers and runs all name `out` on their command line."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if str(out) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(pid))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+def _kill_everything_of(out: Path) -> None:
+    """SIGKILL to every process of the sweep, as a crash would."""
+    for pid in _processes_of(out):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_last_epochs(digits_root, tmp_path, capsys):
@@ -51,7 +74,7 @@ def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_la
     while not ((first / "results_summary.csv").exists() and (second / "results_seed1.pt").exists()):
         assert launcher.poll() is None and time.monotonic() < deadline, "the sweep ended or stalled before the kill"
         time.sleep(0.05)
-    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher, its submitit job and the main.py under it
+    _kill_everything_of(out)  # the launcher, its worker and the main.py under it
     launcher.wait()
     # wait() covers the launcher only: the main.py under it dies (and the kernel lets go of its lock) a
     # moment later, so the status may say "running" until then.
@@ -81,6 +104,26 @@ def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_la
     done = subprocess.run(_launch(digits_root, out, epochs=3), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0 and "2 done already, 0 to run" in done.stdout
 
+    # A job is its whole command: another result setting is refused, naming it, and nothing changes.
+    manifest = (out / "sweep.json").read_bytes()
+    changed = subprocess.run(_launch(digits_root, out, "--lr", "0.1", epochs=3), capture_output=True, text=True,
+                             timeout=600, cwd=tmp_path)
+    assert changed.returncode == 2 and "lr 0.0002 -> 0.1" in changed.stderr, changed.stderr
+    assert (out / "sweep.json").read_bytes() == manifest
+    # A moved sweep reports its own files: sweep.json's paths are relative to its folder.
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    assert _status(moved, capsys) == {job: "done" for job in JOBS}
+    moved.rename(out)
+    # More seeds for one method extend that job (seed 3 trains); the other job stays in the table.
+    more = _launch(digits_root, out, epochs=3, methods=("mcd",))
+    more[more.index("1-2")] = "1-3"
+    extended = subprocess.run(more, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert extended.returncode == 0 and "1 jobs, 0 done already, 1 to run" in extended.stdout, extended.stdout
+    with open(out / "table.csv", newline="") as file:
+        table = {row["method"]: row for row in csv.DictReader(file)}
+    assert (table["mcd"]["n"], table["mcd"]["complete"], table["source_only"]["n"]) == ("3", "True", "2")
+
 
 def test_a_failed_job_shows_its_last_log_line(tmp_path, capsys):
     out = tmp_path / "sweep"
@@ -93,10 +136,10 @@ def test_a_failed_job_shows_its_last_log_line(tmp_path, capsys):
 
 
 def test_flags_the_grid_sets_are_refused(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="the sweep sets these per job"):
-        sweep.main(["launch", "--out", str(tmp_path), "--csv", "x.csv"])
-    with pytest.raises(SystemExit, match="sweep.json does not exist"):
-        sweep.main(["status", str(tmp_path / "nothing")])
+    assert sweep.main(["launch", "--out", str(tmp_path), "--csv", "x.csv"]) == 2
+    assert "the sweep sets these per job" in capsys.readouterr().err
+    assert sweep.main(["status", str(tmp_path / "nothing")]) == 2
+    assert "sweep.json does not exist" in capsys.readouterr().err
 
 
 def test_slurm_parameters_are_built_without_a_cluster(tmp_path, monkeypatch):
@@ -113,3 +156,86 @@ def test_slurm_parameters_are_built_without_a_cluster(tmp_path, monkeypatch):
                  "#SBATCH --time=90", "#SBATCH --job-name=mcd-sweep"):
         assert line in script
     assert executor._executor.parameters["array_parallelism"] == 6
+
+
+def test_abbreviated_or_grid_flags_never_pass_through(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    for flags, shown in ((["--meth", "source_only"], "--meth"), (["--cs", "x.csv"], "--cs"), (["--seed", "3"], "--seed")):
+        with pytest.raises(SystemExit) as exit_info:  # main.py's parser reads them: one line, exit 2
+            code = sweep.main(["launch", "--out", str(out), "--pairs", "mnist:usps", "--gpus", "0", *flags])
+            raise SystemExit(code)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and shown in err and err.count("\n") == 1, err
+    assert not (out / "sweep.json").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        import main as main_module
+
+        main_module.main(["--meth", "source_only"])  # no entry point takes abbreviations
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(("setup", "argv", "shown"), [
+    (lambda out: out.write_text("x"), ["launch", "--out", "OUT"], "is a file"),
+    (lambda out: (out.mkdir(), (out / "sweep.json").write_text("{not json")), ["status", "OUT"], "not a sweep manifest"),
+    (lambda out: (out.mkdir(), (out / "sweep.json").write_bytes(b"\xff\xfe\x00")), ["table", "OUT"], "not a sweep manifest"),
+    (None, ["launch", "--out", "OUT", "--time", "0"], "--time"),
+    (None, ["launch", "--out", "OUT", "--gpus", "-1"], "--gpus"),
+    (None, ["launch", "--out", "OUT", "--seeds", "1-"], "--seeds"),
+    (None, ["launch", "--out", "OUT", "--seeds", "1-99999999999"], "seeds must be between"),
+])
+def test_bad_sweep_input_is_one_line_exit_2(tmp_path, capsys, setup, argv, shown):
+    out = tmp_path / "sweep"
+    if setup:
+        setup(out)
+    try:
+        code = sweep.main([str(out) if arg == "OUT" else arg for arg in argv])
+    except SystemExit as exit_info:  # argparse's errors
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2 and shown in err and err.count("\n") == 1, err
+
+
+def test_main_refuses_a_huge_seed_range_at_once(capsys):
+    import main as main_module
+
+    with pytest.raises(SystemExit) as exit_info:
+        main_module.main(["--seeds", "1-99999999999"])  # checked before any list is made: no MemoryError
+    assert exit_info.value.code == 2 and "seeds must be between" in capsys.readouterr().err
+
+
+def test_two_workers_take_jobs_from_one_queue(digits_root, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    command = _launch(digits_root, out, epochs=1)
+    command[command.index("--gpus") + 1] = "2"  # two pretend GPUs (the runs stay on the CPU: --device cpu)
+    command[command.index("--pairs") + 1:command.index("--pairs") + 2] = ["mnist:usps", "usps:mnist"]
+    command[command.index("1-2")] = "1"
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "started 2 worker(s)" in done.stdout
+    workers = {}
+    for folder in out.iterdir():
+        if folder.is_dir() and not folder.name.startswith("."):
+            lines = [line for line in (folder / "main.log").read_text().splitlines() if line.startswith("== sweep worker")]
+            assert len(lines) == 1, folder  # each job ran once
+            workers.setdefault(lines[0].split(" on ")[1], []).append(folder.name)
+    assert set(workers) == {"GPU 0", "GPU 1"} and sum(map(len, workers.values())) == 4  # both had work
+    assert set(_status(out, capsys).values()) == {"done"}
+
+
+def test_ctrl_c_stops_the_whole_sweep_and_each_run_keeps_its_checkpoint(digits_root, tmp_path):
+    out = tmp_path / "sweep"
+    launcher = subprocess.Popen(_launch(digits_root, out, epochs=50), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=tmp_path)
+    first = out / JOBS[0]
+    deadline = time.monotonic() + 300
+    while not (first / "results_seed1.pt").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGINT)  # what Ctrl-C sends to the launcher
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130 and "relaunch the same command to continue" in err, err
+    time.sleep(0.5)
+    assert not _processes_of(out)  # no worker, no run left behind
+    assert not (out / JOBS[1] / "main.log").exists()  # the next job never started
+    log = (first / "main.log").read_text()
+    assert "interrupted by SIGINT" in log and "--resume" in log and (first / "results_seed1.pt").exists()
