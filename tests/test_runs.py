@@ -187,7 +187,7 @@ def deterministic_reference(digits_root, tmp_path_factory) -> Path:
 
 
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_csv(deterministic_reference, digits_root, tmp_path):
-    # Also proves --deterministic reruns identical: the resumed run repeats epoch 1 and must match the reference.
+    # Also proves --deterministic reruns identical: the killed run is a second run, its epoch-1 row must match.
     csv_path = tmp_path / "killed.csv"
     args = _args(digits_root, csv_path, "--deterministic", epochs=3)
     process = _start(args)
