@@ -242,8 +242,8 @@ def launch(args: argparse.Namespace, flags: list[str]) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SweepError(f"--out {out} is a file; give a folder for the sweep")
-    jobs = merge_jobs(out, expand_grid(args.pairs, args.methods, args.seeds, checked_flags(flags)))
-    launched = {job.name for job in expand_grid(args.pairs, args.methods, args.seeds, flags)}
+    grid = expand_grid(args.pairs, args.methods, args.seeds, checked_flags(flags))
+    jobs, launched = merge_jobs(out, grid), {job.name for job in grid}
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
