@@ -45,6 +45,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -212,6 +219,9 @@ def resolve(given: dict[str, Any]) -> Config:
         values.setdefault(name, cuda and on_cuda)
     if values["cuda_graph"] and not cuda:
         raise SettingError(f"--cuda-graph on needs a CUDA device, not {device}; use --cuda-graph off or auto")
+    if values.get("small_subsets") and "svhn" in (values.get("source", Config.source), values.get("target", Config.target)):
+        raise SettingError("--small-subsets is the paper's MNIST <-> USPS protocol; a pair with SVHN uses whole "
+                           "training sets: leave it out, or choose --source/--target among mnist and usps")
     if values.get("resume") and values.get("overwrite"):
         raise SettingError("argument --resume: not allowed with argument --overwrite (continue the run, or replace it)")
     return Config(**values)

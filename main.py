@@ -109,6 +109,8 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> C
     """The run's Config from the flags given (config.resolve decides every default)."""
     given = {setting.name: getattr(args, setting.name) for setting in settings() if hasattr(args, setting.name)}
     seeds = seed_list(args)
+    if args.evaluate and (seeds or "resume" in given or "overwrite" in given):
+        parser.error("--evaluate scores one checkpoint and trains nothing: leave out --seeds, --resume and --overwrite")
     if "parallel_seeds" in given and not seeds:
         parser.error("--parallel-seeds needs --seeds (it says how many of them train side by side)")
     try:

@@ -69,6 +69,9 @@ def check_output(config: Config) -> None:
     checkpoint = checkpoint_path(csv_path)
     outputs = (csv_path, record_path(csv_path), checkpoint)
     for path in outputs:
+        if path.exists() and not path.is_file():  # --overwrite would put a regular file in its place
+            raise OutputError(f"--csv {csv_path}: {path} is not a regular file (a device, FIFO or socket); "
+                              "choose another path")
         if not os.access(path if path.exists() else path.parent, os.W_OK):
             raise OutputError(f"--csv {csv_path}: {path} is not writable; choose another path")
     holder = lock_holder(csv_path)

@@ -5,14 +5,12 @@
     python sweep.py status runs/table1      # each job: done / running / failed (last log line) / not started
     python sweep.py table runs/table1       # table.md + table.csv: mean ± std of the last epoch, with n
 
-One job per (pair, method): a normal `main.py --seeds ... --resume` run into SWEEP_DIR/<pair>_<method>/,
-its log in main.log there. A job is its whole command: relaunching with the same flags continues what
-is unfinished, with more --epochs or seeds extends it, and with another result-changing setting is
-refused (choose a new --out); another grid adds its jobs beside the earlier ones. sweep.json holds
-each job's command, with paths relative to the sweep folder. `local` starts one worker per visible
-GPU; each takes the next job nobody has taken (a balanced queue) and runs it on its GPU; Ctrl-C or
-SIGTERM to `launch --wait` stops every worker and run, each run keeping its last checkpoint. `slurm`
-submits one array job, one task per job.
+One job per (pair, method): a `main.py --seeds ... --resume` run into SWEEP_DIR/<pair>_<method>/ (log:
+main.log there). A job is its whole command (sweep.json, paths relative to the sweep folder): the same
+flags again continue it, more --epochs or seeds extend it, another result setting is refused; another
+grid adds its jobs beside. `local`: one worker per visible GPU, each taking the next job nobody has
+taken; Ctrl-C or SIGTERM to `launch --wait` stops workers and runs, each run keeping its checkpoint.
+`slurm`: one array job, one task per job.
 """
 
 from __future__ import annotations
@@ -29,8 +27,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from algorithms import METHODS
-from config import positive_int, resolve, result_settings, settings
+from config import non_negative_int, positive_int, resolve, result_settings, settings
 from datasets import DOMAINS
 from main import OneLineErrors, build_parser as main_parser, seed_range
 from results import OutputError, atomic_text, seed_csv
@@ -210,12 +210,6 @@ def slurm_task(out: str, name: str) -> int:
     return run_job(Path(out), job, None).wait()
 
 
-def visible_gpus() -> int:
-    import torch  # only to count GPUs: a job's own process does the training
-
-    return torch.cuda.device_count()
-
-
 def slurm_executor(folder: Path, args: argparse.Namespace):
     """submitit's Slurm executor with the sweep's resources; one array task per job."""
     import submitit
@@ -268,7 +262,11 @@ def launch(args: argparse.Namespace, flags: list[str]) -> int:
         if not args.wait:
             print(f"follow with: python sweep.py status {out}")
             return 0
-        codes = [job.result() for job in submitted]
+        try:
+            codes = [job.result() for job in submitted]
+        except Exception as error:  # a task killed or failed outside main.py (submitit's UncompletedJobError)
+            raise SweepError(f"a Slurm task ended without a result ({type(error).__name__}); relaunch the same command "
+                             "to continue") from None
         print_table(out)
         return 0 if all(code == 0 for code in codes) else 1
     return launch_local(out, pending, args)
@@ -279,11 +277,14 @@ def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int
     Ctrl-C reaches them once, through this launcher."""
     launch_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     claims = out / ".claims" / launch_id
-    claims.mkdir(parents=True)
+    try:
+        claims.mkdir(parents=True)
+    except OSError as error:
+        raise SweepError(f"cannot write in {out} ({error.strerror}); free some space or choose another --out") from None
     for job in load_jobs(out):  # only this launch's pending jobs are free to take
         if job not in pending:
             (claims / job.name).touch()
-    gpus = args.gpus if args.gpus is not None else visible_gpus()
+    gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
     workers = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "_work", str(out), launch_id,
                                  *([str(gpu)] if gpus else [])], cwd=ROOT, start_new_session=True)
                for gpu in range(min(max(gpus, 1), len(pending)))]
@@ -301,6 +302,10 @@ def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     codes = [worker.wait() for worker in workers]
+    killed = [f"{worker.pid} ({signal.Signals(-code).name})" for worker, code in zip(workers, codes) if code < 0]
+    if killed and not received:
+        raise SweepError(f"worker {', '.join(killed)} was killed; every run kept its last checkpoint: relaunch the same "
+                         "command to continue")
     if received:
         print(f"sweep stopped by {signal.Signals(received[0]).name}: every run kept its last checkpoint; relaunch "
               "the same command to continue", file=sys.stderr)
@@ -395,13 +400,6 @@ def _seeds(text: str) -> str:
     return text
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="sweep.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
@@ -412,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--methods", nargs="+", choices=METHODS, default=["mcd", "source_only"])
     go.add_argument("--seeds", nargs="+", type=_seeds, default=["1-5"], help="as main.py --seeds")
     go.add_argument("--launcher", choices=("local", "slurm"), default="local")
-    go.add_argument("--gpus", type=_non_negative_int, default=None,
+    go.add_argument("--gpus", type=non_negative_int, default=None,
                     help="local: workers, one per GPU (default: all visible; 0: one on the CPU)")
     go.add_argument("--wait", action="store_true", help="wait for every job, then print the table")
     go.add_argument("--time", type=positive_int, default=24 * 60, help="slurm: minutes a job may run")

@@ -293,7 +293,10 @@ def run_seeds(config: Config, seeds: list[int]) -> None:
                     final_rows[each.seed] = row
             summary = summarize(final_rows)
             write_summary(summary_path(csv_path), summary)
-        except Interrupted as error:  # between two groups: the last finished seed's files
+        except (Interrupted, RunStopped) as error:
+            if isinstance(error, RunStopped) and (error.epochs_saved or error.advice or not final_rows):
+                raise  # it names its own run's files
+            # a signal between seeds, or before the next seed saved an epoch: the last finished seed's files
             last = max(final_rows, default=None)
             raise RunStopped(str(error), configs[0].csv if last is None else str(seed_csv(csv_path, last)),
                              final_rows[last]["epoch"] if last is not None else 0, error.exit_code) from error

@@ -27,10 +27,10 @@ from checkpoint import ResumeError, load_checkpoint  # noqa: E402
 from datasets import DataError, Digits, DigitsSplit  # noqa: E402
 from results import OutputError  # noqa: E402
 from figures import picture_path, save_figure  # noqa: E402
-from config import positive_int  # noqa: E402
+from config import SettingError, positive_int, resolve_device  # noqa: E402
 from main import HelpFormatter, OneLineErrors  # noqa: E402
 from models import NUM_CLASSES  # noqa: E402
-from run_control import checkpoint_data, model_from_checkpoint  # noqa: E402
+from run_control import checkpoint_data, lock_holder, model_from_checkpoint  # noqa: E402
 from train import save_target_confusion  # noqa: E402
 
 DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:red"}
@@ -92,8 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None, help="default: the checkpoint's")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
     try:
+        device = torch.device(resolve_device(args.device))
+    except SettingError as error:
+        parser.error(str(error))
+    try:
+        for path in filter(None, (args.checkpoint, args.compare)):
+            holder = lock_holder(path)
+            if holder:
+                raise OutputError(f"{path} belongs to a run that is still training ({holder}); draw it once that run "
+                                  "has finished")
         checkpoints = [(path, load_checkpoint(path, flag="visualize")) for path in filter(None, (args.checkpoint, args.compare))]
         pairs = {path: (c["config"].get("source", "svhn"), c["config"].get("target", "mnist")) for path, c in checkpoints}
         if len(set(pairs.values())) > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import urllib.error
 from pathlib import Path
 from typing import Callable
@@ -113,6 +114,9 @@ CASES: dict[str, tuple[Setup, str]] = {
     "USPS file corrupt": (lambda r, m: _replace(r / "usps" / "usps.bz2", b"BZh9 broken") + ["--target", "usps", "--source", "mnist"],
                           "not a readable USPS .bz2"),
     "--resume with --overwrite": (lambda r, m: ["--resume"], "not allowed with argument"),
+    "--small-subsets with SVHN": (lambda r, m: ["--small-subsets"], "--small-subsets is the paper's MNIST <-> USPS"),
+    "--evaluate with --seeds": (lambda r, m: ["--evaluate", str(r / "x.pt"), "--seeds", "1"],
+                                "--evaluate scores one checkpoint"),
 }
 if not torch.cuda.is_available():
     CASES["--device cuda without CUDA"] = (lambda r, m: ["--device", "cuda"], "no CUDA device is available")
@@ -171,3 +175,12 @@ def test_debug_shows_the_traceback_behind_the_message(tmp_path, capsys):
     assert _main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "DataError" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_a_csv_that_is_not_a_regular_file_is_never_replaced(digits_root, tmp_path, capsys):
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    assert _main(["--data-root", str(digits_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
+                  "--csv", str(fifo), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a regular file" in err and stat.S_ISFIFO(os.stat(fifo).st_mode)

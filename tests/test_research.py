@@ -130,6 +130,26 @@ def test_visualize_refuses_bad_images_and_a_comparison_across_pairs(seed_runs, t
     assert err.count("\n") == 1 and "different pairs" in err and "mnist -> usps" in err
 
 
+def test_visualize_refuses_a_missing_cuda_and_a_run_still_training(seed_runs, capsys):
+    checkpoint = seed_runs.parent / "mcd_seed1.pt"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_info:
+            visualize.main([str(checkpoint), "--device", "cuda"])
+        assert exit_info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+    lock = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import run_control; "
+                             "from pathlib import Path\nwith run_control.run_lock(Path(sys.argv[2])): print(flush=True); "
+                             "time.sleep(60)", str(ROOT), str(checkpoint.with_suffix(".csv"))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        lock.stdout.readline()  # the lock is held
+        assert visualize.main([str(checkpoint), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "still training" in err
+    finally:
+        lock.kill()
+        lock.wait()
+
+
 def test_tsne_by_digit_panels_have_a_legend_of_the_ten_digits_in_their_colours(seed_runs, tmp_path, monkeypatch):
     checkpoint = load_checkpoint(seed_runs.parent / "mcd_seed1.pt", flag="visualize")
     model = model_from_checkpoint(checkpoint, torch.device("cpu"))

@@ -219,6 +219,24 @@ def test_sigterm_and_sigint_keep_the_last_checkpoint_and_say_how_to_resume(digit
     assert f"hold epochs 1-{saved['epoch']}" in err
 
 
+def test_a_signal_before_the_next_seed_saved_an_epoch_names_the_finished_seed(digits_root, tmp_path, monkeypatch, capsys):
+    real_load = train_module.load_digits
+    calls = []
+
+    def load_then_interrupt(*args, **kwargs):  # seed 2 is being set up when the SIGINT comes
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted(signal.SIGINT)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "load_digits", load_then_interrupt)
+    csv_path = tmp_path / "r.csv"
+    assert main_module.main(_args(digits_root, csv_path, *LENET, "--seeds", "1-2", epochs=1)) == 130
+    err = capsys.readouterr().err
+    assert "r_seed1.csv and its checkpoint" in err and "hold epochs 1-1" in err and "--resume" in err, err
+    assert "nothing was saved" not in err
+
+
 def test_signal_guard_turns_signals_into_interrupted_and_restores_handlers():
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted) as error:
