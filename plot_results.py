@@ -94,8 +94,13 @@ def _groups(paths: list[Path]) -> list[tuple[str, list[int]]]:
         keys.setdefault(key, []).append(index)
     stems = [Path(key).name for key in keys]
     unique = len(set(stems)) == len(stems)
-    return [((Path(key).name if unique else key) + (f" ({len(members)} seeds)" if len(members) > 1 else ""), members)
+    return [(_shown(Path(key).name if unique else key) + (f" ({len(members)} seeds)" if len(members) > 1 else ""), members)
             for key, members in keys.items()]
+
+
+def _shown(name: str) -> str:
+    """A file name as text a font can draw: bytes that are not UTF-8 (kept by Python as surrogates) become �."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _draw(axes, runs: list[dict[str, list[float]]], column: str, style: str, label: str) -> None:
@@ -108,8 +113,10 @@ def _draw(axes, runs: list[dict[str, list[float]]], column: str, style: str, lab
         axes.plot(x, runs[0][column], style, color=COLOURS[column], label=label)
         return
     values = [[run[column][i] for run in runs] for i in range(epochs)]
-    mean = [statistics.fmean(v) for v in values]
-    std = [statistics.stdev(v) for v in values]
+    # An epoch where a seed's value is not finite (inf, nan) has no mean: a gap in the line and band.
+    finite = [all(math.isfinite(x) for x in v) for v in values]
+    mean = [statistics.fmean(v) if ok else math.nan for v, ok in zip(values, finite)]
+    std = [statistics.stdev(v) if ok else math.nan for v, ok in zip(values, finite)]
     axes.plot(x, mean, style, color=COLOURS[column], label=f"{label}, mean ± std")
     axes.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                       color=COLOURS[column], alpha=0.2, linewidth=0)

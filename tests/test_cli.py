@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -150,6 +151,19 @@ def test_plot_several_files_and_never_imports_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(a), str(b)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "mcd.png").read_bytes()[:8] == PNG_MAGIC  # default output: first CSV's stem
+
+
+def test_plot_draws_a_non_utf8_file_name_and_seeds_with_an_infinite_loss(tmp_path):
+    header = ",".join(CSV_COLUMNS)
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/r\xff.csv"))  # a name that is not UTF-8
+    _write(odd, header + "\n1,3,1.0,2.0,0.1,0.1,50,40,41,42\n")
+    seeds = [_write(tmp_path / f"b_seed{seed}.csv", header + f"\n1,3,1.0,inf,0.1,0.1,50,40,41,42\n2,6,2.0,{seed},0.1,"
+                    "0.1,60,50,51,52\n") for seed in (1, 2)]
+    import plot_results
+
+    assert plot_results.main([str(odd), "--out", str(tmp_path / "odd.png")]) == 0
+    assert plot_results.main([*map(str, seeds), "--out", str(tmp_path / "band.png")]) == 0
+    assert (tmp_path / "band.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_plot_refuses_an_input_csv_as_its_output(tmp_path):
