@@ -105,9 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_settings(args: argparse.Namespace) -> dict:
+    """The settings whose flags were given (the parser leaves the others out of the namespace)."""
+    return {setting.name: getattr(args, setting.name) for setting in settings() if hasattr(args, setting.name)}
+
+
 def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
     """The run's Config from the flags given (config.resolve decides every default)."""
-    given = {setting.name: getattr(args, setting.name) for setting in settings() if hasattr(args, setting.name)}
+    given = given_settings(args)
     seeds = seed_list(args)
     if args.evaluate and (seeds or "resume" in given or "overwrite" in given):
         parser.error("--evaluate scores one checkpoint and trains nothing: leave out --seeds, --resume and --overwrite")

@@ -157,6 +157,14 @@ def lock_holder(csv_path: Path) -> str | None:
         os.close(fd)
 
 
+def refuse_if_training(checkpoint: Path, flag: str) -> None:
+    """OutputError when the run that writes this checkpoint still holds its lock: read it once it ends."""
+    holder = lock_holder(checkpoint)
+    if holder:
+        raise OutputError(f"{flag}: {checkpoint} belongs to a run that is still training ({holder}); use it once "
+                          "that run has finished")
+
+
 @contextlib.contextmanager
 def run_lock(csv_path: Path) -> Iterator[None]:
     """Holds the output's lock inside the block (re-entrant within this process), else OutputError at
@@ -352,7 +360,8 @@ def _load_networks(model: SourceOnly, checkpoint: dict, path: Path | None) -> No
     saved = checkpoint["models"]
     if all(isinstance(value, dict) for value in saved.values()):
         saved = {f"{network}.{key}": value for network, state in saved.items() for key, value in state.items()}
-    missing, unexpected = (sorted(keys) for keys in (model.state_dict().keys() - saved, saved.keys() - model.state_dict()))
+    expected = model.state_dict().keys()
+    missing, unexpected = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
     if missing or unexpected:
         raise ResumeError(f"{path or 'the checkpoint'} does not hold this method's networks (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]}); use the checkpoint of a {checkpoint['config']['method']} run")

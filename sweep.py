@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from algorithms import METHODS
-from config import non_negative_int, positive_int, resolve, result_settings, settings
+from config import non_negative_int, positive_int, resolve, result_settings
 from datasets import DOMAINS
-from main import OneLineErrors, build_parser as main_parser, seed_range
+from main import OneLineErrors, build_parser as main_parser, given_settings, seed_range
 from results import OutputError, atomic_text, seed_csv
 from run_control import lock_holder
 
@@ -70,7 +70,7 @@ class Job:
         the launching machine's devices do not matter) and its epochs."""
         namespace = main_parser().parse_args(["--source", self.source, "--target", self.target, "--method", self.method,
                                               *self.flags])
-        given = {s.name: getattr(namespace, s.name) for s in settings() if hasattr(namespace, s.name)}
+        given = given_settings(namespace)
         auto_precision = "precision" not in given
         config = resolve({**given, "device": "cpu", "cuda_graph": False})
         values = {name: getattr(config, name) for name in (*result_settings(), "epochs") if name != "seed"}

@@ -35,7 +35,6 @@ from datasets import BatchStream, Digits, DigitsSplit, load_digits
 from figures import picture_path, save_confusion
 from iteration import Lane, LiveLosses, NonFiniteLoss, NonFiniteWatch, SeedRandomness, TrainStep, finite_weights
 from results import (
-    OutputError,
     ResultsWriter,
     run_record,
     seed_csv,
@@ -57,8 +56,8 @@ from run_control import (
     check_seed_outputs,
     checkpoint_data,
     checkpoint_payload,
-    lock_holder,
     model_from_checkpoint,
+    refuse_if_training,
     restore_run,
     run_lock,
 )
@@ -314,10 +313,7 @@ def _fresh_unless_saved(config: Config) -> Config:
 def evaluate_checkpoint(path: Path, device: torch.device, data_root: str | None, download: bool,
                         allow_unverified: bool, chunk_size: int) -> dict:
     """--evaluate: the accuracies of a saved model, without training (the CSV columns of its last row)."""
-    holder = lock_holder(path)
-    if holder:
-        raise OutputError(f"--evaluate: {path} belongs to a run that is still training ({holder}); "
-                          "evaluate it once that run has finished")
+    refuse_if_training(path, "--evaluate")
     checkpoint = load_checkpoint(path, flag="--evaluate")
     data = checkpoint_data(checkpoint, device, data_root, download, allow_unverified)
     model = model_from_checkpoint(checkpoint, device, path)

@@ -30,7 +30,7 @@ from figures import picture_path, save_figure  # noqa: E402
 from config import SettingError, positive_int, resolve_device  # noqa: E402
 from main import HelpFormatter, OneLineErrors  # noqa: E402
 from models import NUM_CLASSES  # noqa: E402
-from run_control import checkpoint_data, lock_holder, model_from_checkpoint  # noqa: E402
+from run_control import checkpoint_data, model_from_checkpoint, refuse_if_training  # noqa: E402
 from train import save_target_confusion  # noqa: E402
 
 DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:red"}
@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     try:
         for path in filter(None, (args.checkpoint, args.compare)):
-            holder = lock_holder(path)
-            if holder:
-                raise OutputError(f"{path} belongs to a run that is still training ({holder}); draw it once that run "
-                                  "has finished")
+            refuse_if_training(path, "visualize")
         checkpoints = [(path, load_checkpoint(path, flag="visualize")) for path in filter(None, (args.checkpoint, args.compare))]
         pairs = {path: (c["config"].get("source", "svhn"), c["config"].get("target", "mnist")) for path, c in checkpoints}
         if len(set(pairs.values())) > 1:
