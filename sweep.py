@@ -285,7 +285,7 @@ def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int
         if job not in pending:
             (claims / job.name).touch()
     gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
-    workers = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "_work", str(out), launch_id,
+    workers = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "_work", str(out.absolute()), launch_id,
                                  *([str(gpu)] if gpus else [])], cwd=ROOT, start_new_session=True)
                for gpu in range(min(max(gpus, 1), len(pending)))]
     print(f"started {len(workers)} worker(s): pids {', '.join(str(w.pid) for w in workers)}")
