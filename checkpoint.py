@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,11 +75,12 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    if sys.platform != "win32":  # make the rename itself durable (Windows cannot open a folder for this)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def load_checkpoint(path: Path, flag: str = "--resume", verify: bool = True) -> dict:

@@ -4,6 +4,7 @@
     results.json          the config, versions, device, data files + MD5s, the last row (rewritten whole)
     results_seedN.*       the same per seed of a multi-seed run
     results_summary.csv   mean and sample std over seeds of each seed's LAST epoch (never a best epoch)
+    table.md, table.csv   a sweep's Table 1: one cell per (method, pair), the same statistics
 
 Every file is written whole to a temp file and renamed, or appended and fsynced: a crash leaves the
 previous content, never half a file.
@@ -18,6 +19,7 @@ import io
 import json
 import os
 import platform
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -245,3 +247,34 @@ def summary_table(summary: list[dict]) -> str:
         per_seed = ", ".join(f"{row[f'seed_{seed}']:.2f}" for seed in seeds)
         lines.append(f"{row['name']:20s} {spread:>16s}   {per_seed}")
     return "\n".join(lines)
+
+
+def write_table(out: Path, cells: list[dict]) -> list[str]:
+    """Table 1's form in out/table.md and out/table.csv: rows = methods, columns = pairs, each cell
+    {method, pair, values (one per finished seed), expected (seeds), made_with} as mean ± sample std (n).
+    Returns the markdown table's lines."""
+    def text(cell: dict) -> str:
+        values, n = cell["values"], len(cell["values"])
+        if not values:
+            return "–"
+        spread = f"{statistics.fmean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if n > 1 else "")
+        return spread + (f" (n={n})" if n == cell["expected"] else f" (n={n} of {cell['expected']}, incomplete)")
+
+    pairs = list(dict.fromkeys(cell["pair"] for cell in cells))
+    by_key = {(cell["method"], cell["pair"]): cell for cell in cells}
+    lines = ["| method | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
+    lines += [f"| {method} | " + " | ".join(text(by_key[method, pair]) if (method, pair) in by_key else ""
+                                           for pair in pairs) + " |"
+              for method in dict.fromkeys(cell["method"] for cell in cells)]
+    made_with = sorted({cell["made_with"] for cell in cells})
+    with atomic_text(out / "table.md") as file:
+        file.write("\n".join(lines) + "\n\nmade with: " + "; ".join(made_with) + "\n")
+    with atomic_text(out / "table.csv") as file:
+        writer = csv.writer(file)
+        writer.writerow(["method", "pair", "mean", "std", "n", "seeds", "complete", "made_with"])
+        for cell in by_key.values():
+            values = cell["values"]
+            writer.writerow([cell["method"], cell["pair"], f"{statistics.fmean(values):.4f}" if values else "",
+                             f"{statistics.stdev(values):.4f}" if len(values) > 1 else "", len(values),
+                             cell["expected"], len(values) == cell["expected"], cell["made_with"]])
+    return lines

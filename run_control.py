@@ -2,7 +2,7 @@
 
 - check_output / check_seed_outputs: before any data is loaded, the results can be written where asked,
   no other run is writing them, and no earlier run's files would be replaced without --overwrite;
-- run_lock / lock_holder: one writer per output, an exclusive flock on STEM.lock beside the CSV;
+- run_lock / lock_holder: one writer per output, an exclusive OS lock on STEM.lock beside the CSV;
 - CheckpointWriter: each epoch's checkpoint, then its CSV row, written on a background thread;
 - checkpoint_payload / check_resumable / restore_run: what a checkpoint holds, whether it can
   continue this run, and putting its state back (checkpoint.py holds the file format itself);
@@ -14,17 +14,18 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+import filelock
 import torch
 
 from algorithms import ALGORITHMS, SourceOnly
@@ -128,9 +129,14 @@ def _name_max(folder: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# One writer per output: an exclusive lock on STEM.lock beside the CSV, held while the run writes
+# One writer per output: an exclusive lock on STEM.lock beside the CSV, held while the run writes.
+# The lock is the OS's own (flock on Linux/macOS, LockFileEx on byte 0 on Windows, both through
+# filelock.lock_descriptor), so the kernel lets go when its process dies however it dies. The file
+# also records who holds it, from byte 1 on (Windows forbids other processes to read a locked byte).
+# A system without native locks (no fcntl) gets filelock's SoftFileLock, which clears a dead holder's file.
 
-_HELD: dict[Path, int] = {}  # lock files this process holds -> their descriptors
+NATIVE_LOCKS = sys.platform == "win32" or filelock.unix_has_fcntl
+_HELD: dict[Path, Callable[[], None]] = {}  # lock files this process holds -> how to let go of each
 
 
 def lock_path(csv_path: Path) -> Path:
@@ -140,19 +146,18 @@ def lock_path(csv_path: Path) -> Path:
 
 def lock_holder(csv_path: Path) -> str | None:
     """Who holds the lock of this output, e.g. 'pid 4242, started 2026-11-29 10:15:02'; None when it is
-    free, held by this process, or left by a process that died (the kernel released its flock)."""
+    free, held by this process, or left by a process that died."""
     path = lock_path(csv_path)
     if path.absolute() in _HELD:
         return None
+    if not NATIVE_LOCKS:
+        return _soft_holder(path)
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError:  # no lock file: nobody holds it
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return None  # closing the descriptor below lets go again
-    except BlockingIOError:
-        return _holder(fd)
+        return None if filelock.lock_descriptor(fd, blocking=False) else _holder(fd)  # closing lets go again
     finally:
         os.close(fd)
 
@@ -168,49 +173,75 @@ def refuse_if_training(checkpoint: Path, flag: str) -> None:
 @contextlib.contextmanager
 def run_lock(csv_path: Path) -> Iterator[None]:
     """Holds the output's lock inside the block (re-entrant within this process), else OutputError at
-    once. The lock file records pid and start time for the message another run gets; it is removed on
-    the way out. A process killed while holding it leaves the file, but the kernel releases its flock."""
+    once. The lock file is removed on the way out; one left by a killed process no longer locks."""
     path = lock_path(csv_path).absolute()
     if path in _HELD:
         yield
         return
-    _HELD[path] = _acquire(path, csv_path)
+    _HELD[path] = _acquire(path, csv_path) if NATIVE_LOCKS else _acquire_soft(path, csv_path)
     try:
         yield
     finally:
-        fd = _HELD.pop(path)
-        path.unlink(missing_ok=True)  # while still holding it, so no other process can have it
-        os.close(fd)
+        _HELD.pop(path)()
 
 
-def _acquire(path: Path, csv_path: Path) -> int:
+def _acquire(path: Path, csv_path: Path) -> Callable[[], None]:
     while True:
         with writing(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not filelock.lock_descriptor(fd, blocking=False):
             holder = _holder(fd)
             os.close(fd)
-            raise OutputError(_locked(csv_path, holder)) from None
+            raise OutputError(_locked(csv_path, holder))
         try:
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break
         except FileNotFoundError:
             pass
         os.close(fd)  # its holder removed that file as we opened it: lock the one at the path now
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    record = json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     with writing(path):
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "started": started}).encode())
-    return fd
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, b"\n" + record.encode())
+
+    def release() -> None:
+        with contextlib.suppress(OSError):  # Windows keeps a file that is open: it stays, unlocked, and is reused
+            path.unlink()  # while still holding it (Linux, macOS), so no other process can have it
+        os.close(fd)
+    return release
 
 
 def _holder(fd: int) -> str:
     try:
-        info = json.loads(os.pread(fd, 4096, 0))
+        os.lseek(fd, 1, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096))
         return f"pid {info['pid']}, started {info['started']}"
     except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _acquire_soft(path: Path, csv_path: Path) -> Callable[[], None]:
+    lock = filelock.SoftFileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise OutputError(_locked(csv_path, _soft_holder(path) or "another process")) from None
+    return lock.release
+
+
+def _soft_holder(path: Path) -> str | None:
+    probe = filelock.SoftFileLock(path, timeout=0)
+    try:
+        probe.acquire()  # also clears the file of a holder that died
+        probe.release()
+        return None
+    except filelock.Timeout:
+        pass
+    try:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))
+        return f"pid {probe.pid}, started {started}"
+    except OSError:
         return "another process"
 
 

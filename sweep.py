@@ -16,11 +16,9 @@ taken; Ctrl-C or SIGTERM to `launch --wait` stops workers and runs, each run kee
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -30,10 +28,10 @@ from pathlib import Path
 import torch
 
 from algorithms import METHODS
-from config import non_negative_int, positive_int, resolve, result_settings
+from config import Config, non_negative_int, positive_int, resolve, result_settings
 from datasets import DOMAINS
 from main import OneLineErrors, build_parser as main_parser, given_settings, seed_range
-from results import OutputError, atomic_text, seed_csv
+from results import OutputError, atomic_text, seed_csv, write_table
 from run_control import lock_holder
 
 ROOT = Path(__file__).resolve().parent
@@ -169,6 +167,12 @@ def run_job(out: Path, job: Job, gpu: int | None, note: str = "") -> subprocess.
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
+def pass_on(processes: list[subprocess.Popen], signum: int) -> None:
+    if sys.platform != "win32":  # on Windows, a console's Ctrl-C has reached every process in it already
+        for process in processes:
+            process.send_signal(signum)
+
+
 def work(out: Path, launch_id: str, gpu: int | None) -> int:
     """One local worker: takes the next job of the launch that no worker has taken (an exclusive create of
     its claim file, portable and atomic) and runs it, until none is left. A signal is passed on to the
@@ -179,8 +183,7 @@ def work(out: Path, launch_id: str, gpu: int | None) -> int:
 
     def stop(signum: int, frame) -> None:
         stopped.append(signum)
-        for process in running:
-            process.send_signal(signum)
+        pass_on(running, signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
@@ -229,7 +232,11 @@ def checked_flags(flags: list[str]) -> list[str]:
     if taken:
         raise SweepError(f"{', '.join('--' + name.replace('_', '-') for name in taken)}: the sweep sets these per job "
                          "(--pairs, --methods, --seeds, --out)")
-    return flags
+    # main.py runs in the project's folder: the data folder is fixed here, where the sweep is launched
+    data_root = os.path.abspath(getattr(namespace, "data_root", Config().data_root))
+    flags = [token for i, token in enumerate(flags) if not (token.split("=")[0] == "--data-root"
+                                                            or (i and flags[i - 1] == "--data-root"))]
+    return [*flags, "--data-root", data_root]
 
 
 def launch(args: argparse.Namespace, flags: list[str]) -> int:
@@ -296,8 +303,7 @@ def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int
 
     def stop(signum: int, frame) -> None:
         received.append(signum)
-        for worker in workers:
-            worker.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+        pass_on(workers, signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
@@ -343,44 +349,17 @@ def status(out: Path) -> int:
     return 0
 
 
-def job_result(out: Path, job: Job) -> dict:
-    """The last epoch's target ensemble accuracy of each seed that finished all of the job's epochs."""
-    finished = job.finished_seeds(out)
-    values = [json.loads(seed_csv(job.csv(out), seed).with_suffix(".json").read_text())["final_row"]["target_acc_ensemble"]
-              for seed in finished]
-    expected = len(seed_numbers(job.seeds))
-    return {"values": values, "n": len(values), "expected": expected, "complete": len(values) == expected}
-
-
-def cell(result: dict) -> str:
-    values = result["values"]
-    if not values:
-        return "–"
-    text = f"{statistics.fmean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
-    return text + (f" (n={result['n']})" if result["complete"] else f" (n={result['n']} of {result['expected']}, incomplete)")
-
-
 def print_table(out: Path) -> None:
-    """Table 1's form: rows = methods, columns = pairs, cells = mean ± sample std over seeds (n)."""
-    jobs = load_jobs(out)
-    pairs = list(dict.fromkeys(f"{job.source}→{job.target}" for job in jobs))
-    methods = list(dict.fromkeys(job.method for job in jobs))
-    results = {(job.method, f"{job.source}→{job.target}"): (job, job_result(out, job)) for job in jobs}
-    lines = ["| method | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
-    lines += [f"| {method} | " + " | ".join(cell(results[method, pair][1]) if (method, pair) in results else ""
-                                           for pair in pairs) + " |" for method in methods]
-    made_with = sorted({describe(job) for job, _ in results.values()})
+    """Table 1's form: each (method, pair) cell is the last epoch's target ensemble accuracy of each seed
+    that finished all of the job's epochs."""
+    cells = []
+    for job in load_jobs(out):
+        records = [seed_csv(job.csv(out), seed).with_suffix(".json") for seed in job.finished_seeds(out)]
+        cells.append({"method": job.method, "pair": f"{job.source}→{job.target}", "made_with": describe(job),
+                      "values": [json.loads(record.read_text())["final_row"]["target_acc_ensemble"] for record in records],
+                      "expected": len(seed_numbers(job.seeds))})
     try:
-        with atomic_text(out / "table.md") as file:
-            file.write("\n".join(lines) + "\n\nmade with: " + "; ".join(made_with) + "\n")
-        with atomic_text(out / "table.csv") as file:
-            writer = csv.writer(file)
-            writer.writerow(["method", "pair", "mean", "std", "n", "seeds", "complete", "made_with"])
-            for (method, pair), (job, result) in results.items():
-                values = result["values"]
-                writer.writerow([method, pair, f"{statistics.fmean(values):.4f}" if values else "",
-                                 f"{statistics.stdev(values):.4f}" if len(values) > 1 else "", result["n"],
-                                 result["expected"], result["complete"], describe(job)])
+        lines = write_table(out, cells)
     except OutputError as error:
         raise SweepError(str(error)) from None
     print("target test accuracy (ensemble), last epoch, mean ± sample std over seeds")

@@ -344,6 +344,49 @@ def test_a_second_run_on_a_locked_output_is_refused_until_the_holder_dies(digits
     assert not _lock(csv_path).exists()  # a clean exit takes its lock file away
 
 
+_NO_FCNTL = """
+import sys
+sys.modules["fcntl"] = None  # as on Windows: `import fcntl` raises ImportError
+sys.path.insert(0, sys.argv[1])
+import warnings
+warnings.simplefilter("ignore")  # filelock warns that only a soft lock is available
+import benchmark, main, plot_results, run_control, sweep, train, visualize
+from pathlib import Path
+assert not run_control.NATIVE_LOCKS
+try:
+    with run_control.run_lock(Path(sys.argv[2])):
+        print("held", flush=True)
+        sys.stdin.readline()
+except run_control.OutputError as error:
+    print(error, flush=True)
+"""
+
+
+def test_every_module_imports_without_fcntl_and_the_lock_still_takes_and_refuses(tmp_path):
+    csv_path = tmp_path / "run.csv"
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _NO_FCNTL, str(ROOT), str(csv_path)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = start()
+    try:
+        assert holder.stdout.readline() == "held\n", holder.communicate()
+        refused, err = start().communicate(timeout=60)
+        assert f"another run (pid {holder.pid}, started " in refused and "choose another --csv" in refused, err
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert not _lock(csv_path).exists()  # released on the way out
+    killed = start()
+    assert killed.stdout.readline() == "held\n"
+    killed.kill()  # SIGKILL: its lock file stays behind ...
+    killed.communicate()
+    assert _lock(csv_path).exists()
+    taken = start()  # ... and the next run clears it, since its holder is gone
+    try:
+        assert taken.stdout.readline() == "held\n", taken.communicate()
+    finally:
+        taken.communicate("\n", timeout=60)
+
+
 def test_seeds_lock_every_seed_before_the_first_trains(digits_root, tmp_path, capsys):
     csv_path = tmp_path / "seeds.csv"
     holder = _start(_args(digits_root, csv_path, *LENET, "--seeds", "1-2", epochs=100_000))

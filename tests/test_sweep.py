@@ -217,6 +217,7 @@ def test_two_workers_take_jobs_from_one_queue(digits_root, tmp_path, capsys):
     command[command.index("--pairs") + 1:command.index("--pairs") + 2] = ["mnist:usps", "usps:mnist"]
     command[command.index("1-2")] = "1"
     command[command.index("--out") + 1] = "sweep"  # relative to the launcher's folder (the workers start elsewhere)
+    command[command.index("--data-root") + 1] = os.path.relpath(digits_root, tmp_path)  # so is the data's
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "started 2 worker(s)" in done.stdout
