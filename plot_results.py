@@ -42,7 +42,7 @@ class PlotError(Exception):
 def read_results(path: Path) -> dict[str, list[float]]:
     """The required columns of a results CSV as lists of floats, one entry per epoch."""
     if not path.is_file():
-        raise PlotError(f"{path}: no such file")
+        raise PlotError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     try:
         return _read_columns(path)
     except UnicodeDecodeError:
@@ -140,7 +140,8 @@ def plot(paths: list[Path], out: Path) -> None:
     losses.set_title("training losses and discrepancy")
     for axes in (accuracy, losses):
         axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+        if axes.get_legend_handles_labels()[0]:  # a CSV without loss columns draws no losses
+            axes.legend(fontsize="small")
     figure.tight_layout()
     try:
         save_figure(figure, out)

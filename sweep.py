@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from algorithms import METHODS
-from config import Config, non_negative_int, positive_int, resolve, result_settings
+from config import Config, non_negative_int, positive_float, positive_int, resolve, result_settings
 from datasets import DOMAINS
 from main import OneLineErrors, build_parser as main_parser, given_settings, seed_range
 from results import OutputError, atomic_text, seed_csv, write_table
@@ -85,6 +85,7 @@ class Job:
                 try:
                     saved = json.loads(record.read_text())
                     complete = saved["epochs_completed"] >= epochs and saved["final_row"] is not None
+                    complete = complete and float(saved["final_row"]["target_acc_ensemble"]) >= 0
                 except (OSError, ValueError, KeyError, TypeError):
                     raise SweepError(f"{record} is not a results record of main.py; delete the folder "
                                      f"{record.parent} and relaunch to run that job again") from None
@@ -395,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--time", type=positive_int, default=24 * 60, help="slurm: minutes a job may run")
     go.add_argument("--partition", default=None, help="slurm: the partition")
     go.add_argument("--gpus-per-job", type=positive_int, default=1, help="slurm: GPUs per job")
-    go.add_argument("--mem", type=float, default=32, help="slurm: memory per job in GB")
+    go.add_argument("--mem", type=positive_float, default=32, help="slurm: memory per job in GB")
     go.add_argument("--array-parallelism", type=positive_int, default=64, help="slurm: array tasks running at once")
     for name, text in (("status", "each job's state"), ("table", "the Table 1 summary")):
         commands.add_parser(name, help=text, allow_abbrev=False).add_argument("out", help="the sweep's folder")

@@ -97,8 +97,10 @@ CASES: dict[str, tuple[Setup, str]] = {
     # flags
     "batch larger than a training set": (lambda r, m: ["--batch-size", "100000"], "--batch-size 100000 is larger"),
     "iters-per-epoch < 1": (lambda r, m: ["--iters-per-epoch", "0"], "must be at least 1"),
-    "lr = 0": (lambda r, m: ["--lr", "0"], "must be greater than 0"),
-    "lr < 0": (lambda r, m: ["--lr=-1e-4"], "must be greater than 0"),
+    "lr = 0": (lambda r, m: ["--lr", "0"], "must be a finite number greater than 0"),
+    "lr < 0": (lambda r, m: ["--lr=-1e-4"], "must be a finite number greater than 0"),
+    "lr infinite": (lambda r, m: ["--lr", "1e400"], "must be a finite number greater than 0, got 1e400"),
+    "weight decay infinite": (lambda r, m: ["--weight-decay", "inf"], "must be a finite number, 0 or more"),
     "epochs 0": (lambda r, m: ["--epochs", "0"], "must be at least 1"),
     "batch size 1 (BatchNorm)": (lambda r, m: ["--batch-size", "1"], "must be at least 2"),
     "seed negative": (lambda r, m: ["--seed", "-1"], "must be between 0 and 2147483647"),

@@ -130,7 +130,9 @@ def test_plot_errors_are_one_line_exit_2(tmp_path):
         "truncated": _write(tmp_path / "trunc.csv", header + "\n1,3,0.5,2.3,0.1,0.1,55.0\n"),
         "not numbers": _write(tmp_path / "text.csv", header + "\n1,3,0.5,2.3,0.1,0.1,abc,1,1,1\n"),
         "not UTF-8": tmp_path / "latin.csv",
+        "a folder": tmp_path / "folder.csv",
     }
+    cases["a folder"].mkdir()
     cases["not UTF-8"].write_bytes(header.encode() + b"\n1,3,0.5,2.3,0.1,0.1,\xe9t\xe9,1,1,1\n")
     for name, path in cases.items():
         result = run("plot_results.py", str(path), "--out", str(tmp_path / "x.png"))

@@ -174,10 +174,10 @@ def test_abbreviated_or_grid_flags_never_pass_through(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
-def _job_with_a_corrupt_record(out: Path) -> None:
+def _job_with_a_corrupt_record(out: Path, record: str = "{") -> None:
     (out / "mnist_usps_mcd").mkdir(parents=True)
     sweep.save_jobs(out, [sweep.Job("mnist_usps_mcd", "mnist", "usps", "mcd", ["1"])])
-    (out / "mnist_usps_mcd" / "results_seed1.json").write_text("{")
+    (out / "mnist_usps_mcd" / "results_seed1.json").write_text(record)
 
 
 @pytest.mark.parametrize(("setup", "argv", "shown"), [
@@ -185,9 +185,12 @@ def _job_with_a_corrupt_record(out: Path) -> None:
     (lambda out: (out.mkdir(), (out / "sweep.json").write_text("{not json")), ["status", "OUT"], "not a sweep manifest"),
     (lambda out: (out.mkdir(), (out / "sweep.json").write_bytes(b"\xff\xfe\x00")), ["table", "OUT"], "not a sweep manifest"),
     (_job_with_a_corrupt_record, ["table", "OUT"], "is not a results record"),
+    (lambda out: _job_with_a_corrupt_record(out, '{"epochs_completed": 99, "final_row": {"epoch": 99}}'),
+     ["table", "OUT"], "is not a results record"),
     (None, ["launch", "--out", "OUT", "--time", "0"], "--time"),
     (None, ["launch", "--out", "OUT", "--gpus", "-1"], "--gpus"),
     (None, ["launch", "--out", "OUT", "--seeds", "1-"], "--seeds"),
+    (None, ["launch", "--out", "OUT", "--mem", "nan"], "--mem"),
     (None, ["launch", "--out", "OUT", "--seeds", "1-99999999999"], "seeds must be between"),
 ])
 def test_bad_sweep_input_is_one_line_exit_2(tmp_path, capsys, setup, argv, shown):
