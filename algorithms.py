@@ -105,18 +105,24 @@ class SourceOnly(nn.Module):
             self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16", cache_enabled=False
         )
 
+    @property
+    def classes(self) -> int:
+        """How many classes the heads tell apart (10 digits, 43 traffic signs)."""
+        return [m for m in self.F1.modules() if isinstance(m, nn.Linear)][-1].out_features
+
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) uint8 -> the model's input in [-1, 1], in G's memory format."""
         x = to_model_input(images)
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, features): 3072 for the SVHN network, 768 for the USPS one: G's training forward pass."""
+        """(B, C, H, W) -> (B, features): 3072 for the SVHN network, 768 for the USPS one, 6400 for the signs
+        one: G's training forward pass."""
         with self.autocast():
             return self.passes[0](x)
 
     def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, features) -> the logits of F1 and F2, each (B, 10)."""
+        """(B, features) -> the logits of F1 and F2, each (B, classes): 10 digits or 43 traffic signs."""
         with self.autocast():
             return self.passes[1](features), self.passes[2](features)
 
@@ -140,8 +146,8 @@ class SourceOnly(nn.Module):
 
     @torch.inference_mode()
     def eval_passes(self, images: torch.Tensor, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Eval-mode passes over (N, C, H, W) uint8 images in chunks: (features (n, 3072), logits1 (n, 10),
-        logits2 (n, 10)) per chunk, logits in fp32. The networks are back in training mode afterwards."""
+        """Eval-mode passes over (N, C, H, W) uint8 images in chunks: (features (n, 3072), logits1 (n, classes),
+        logits2 (n, classes)) per chunk, logits in fp32. The networks are back in training mode afterwards."""
         self.eval()
         try:
             for start in range(0, len(images), chunk_size):

@@ -135,10 +135,12 @@ class Config:
     # data
     source: str = setting("svhn", "labelled source dataset", "data", result=True, choices=DOMAINS)
     target: str = setting("mnist", "unlabelled target dataset; MNIST <-> USPS use 28x28 grey images and the paper's "
-                          "LeNet-style network", "data", result=True, choices=DOMAINS)
+                          "LeNet-style network, synsig <-> gtsrb (traffic signs) 40x40 RGB and its own network",
+                          "data", result=True, choices=DOMAINS)
     small_subsets: bool = setting(False, "the paper's MNIST <-> USPS protocol: random 2,000 MNIST / 1,800 USPS "
                                   "training images (per seed)", "data", result=True)
-    data_root: str = setting("./data", "holds svhn/*.mat, MNIST/raw/*, usps/*.bz2 (torchvision's layout); for "
+    data_root: str = setting("./data", "holds svhn/*.mat, MNIST/raw/*, usps/*.bz2, gtsrb/ (torchvision's layout), "
+                             "synsig/synthetic_data/ (docs/table1.md#data); for "
                              "--evaluate the checkpoint's unless given", "data")
     download: bool = setting(True, "never download; fail with a list of missing files", "data", flag="--no-download")
     allow_unverified_data: bool = setting(False, "load dataset files whose MD5 differs from the official release "
@@ -220,9 +222,10 @@ def resolve(given: dict[str, Any]) -> Config:
         values.setdefault(name, cuda and on_cuda)
     if values["cuda_graph"] and not cuda:
         raise SettingError(f"--cuda-graph on needs a CUDA device, not {device}; use --cuda-graph off or auto")
-    if values.get("small_subsets") and "svhn" in (values.get("source", Config.source), values.get("target", Config.target)):
-        raise SettingError("--small-subsets is the paper's MNIST <-> USPS protocol; a pair with SVHN uses whole "
-                           "training sets: leave it out, or choose --source/--target among mnist and usps")
+    pair = (values.get("source", Config.source), values.get("target", Config.target))
+    if values.get("small_subsets") and not set(pair) <= {"mnist", "usps"}:
+        raise SettingError(f"--small-subsets is the paper's MNIST <-> USPS protocol; {pair[0]} -> {pair[1]} uses "
+                           "whole training sets: leave it out, or choose --source/--target among mnist and usps")
     if values.get("resume") and values.get("overwrite"):
         raise SettingError("argument --resume: not allowed with argument --overwrite (continue the run, or replace it)")
     return Config(**values)

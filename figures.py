@@ -33,22 +33,23 @@ def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, classes: int = 1
     return np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
 
 
-def save_confusion(predicted: np.ndarray, labels: np.ndarray, out: Path, title: str) -> np.ndarray:
-    """The confusion matrix of (N,) predicted digits against (N,) true ones as a PNG (colour: share of the
-    true class; text: counts); returns the matrix."""
-    matrix = confusion_matrix(predicted, labels)
-    classes = len(matrix)
+def save_confusion(predicted: np.ndarray, labels: np.ndarray, out: Path, title: str, classes: int = 10) -> np.ndarray:
+    """The confusion matrix of (N,) predicted classes against (N,) true ones as a PNG (colour: share of the
+    true class; text: counts, for up to 10 classes); returns the matrix."""
+    matrix = confusion_matrix(predicted, labels, classes)
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    figure, axes = plt.subplots(figsize=(6.4, 5.6))
+    few = classes <= 10  # the digits: counts fit in the cells; 43 signs: colours and every fifth tick
+    figure, axes = plt.subplots(figsize=(6.4, 5.6) if few else (9.6, 8.4))
     image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for true in range(classes):
+    for true in range(classes if few else 0):
         for guess in range(classes):
             axes.text(guess, true, str(matrix[true, guess]), ha="center", va="center", fontsize=7,
                       color="white" if share[true, guess] > 0.5 else "black")
     accuracy = 100.0 * np.trace(matrix) / max(matrix.sum(), 1)
-    axes.set(xticks=range(classes), yticks=range(classes), xlabel="predicted digit", ylabel="true digit",
+    ticks = range(0, classes, 1 if few else 5)
+    axes.set(xticks=ticks, yticks=ticks, xlabel="predicted class", ylabel="true class",
              title=f"{title}: accuracy {accuracy:.2f}%")
-    figure.colorbar(image, ax=axes, label="share of the true digit")
+    figure.colorbar(image, ax=axes, label="share of the true class")
     figure.tight_layout()
     save_figure(figure, out, dpi=110)
     return matrix

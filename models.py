@@ -2,7 +2,8 @@
 
 - "svhn2mnist" (32x32 RGB, any pair with SVHN): the original code's model of that name.
 - "usps" (28x28 grey, MNIST <-> USPS): the original code's smaller LeNet-style model of that name.
-Both without the layers the original defined but never used. Default PyTorch initialisation; F1 and
+- "syn2gtrsb" (40x40 RGB, Synthetic Signs <-> GTSRB, 43 classes): the original code's model of that name.
+All without the layers the original defined but never used. Default PyTorch initialisation; F1 and
 F2 differ only by their random init.
 """
 
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 FEATURE_DIM = 3072
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # digits; the traffic signs have SIGN_CLASSES
+SIGN_CLASSES = 43
 BATCHNORM_INITS = ("ones", "uniform")
 
 
@@ -108,11 +110,57 @@ class LeNetClassifier(nn.Module):
         return self.net(features)
 
 
-ARCHITECTURES = {"svhn2mnist": (Generator, Classifier), "usps": (LeNetGenerator, LeNetClassifier)}
+class SignsGenerator(nn.Module):
+    """G of the traffic signs: (B, 3, 40, 40) in [-1, 1] -> (B, 6400) features."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 96, kernel_size=5, padding=2),  # -> (B, 96, 40, 40)
+            nn.BatchNorm2d(96),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),  # -> (B, 96, 20, 20)
+            nn.Conv2d(96, 144, kernel_size=3, padding=1),  # -> (B, 144, 20, 20)
+            nn.BatchNorm2d(144),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),  # -> (B, 144, 10, 10)
+            nn.Conv2d(144, 256, kernel_size=5, padding=2),  # -> (B, 256, 10, 10)
+            nn.BatchNorm2d(256),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),  # -> (B, 256, 5, 5)
+            nn.Flatten(),  # -> (B, 6400)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SignsClassifier(nn.Module):
+    """F1 / F2 of the traffic signs: (B, 6400) -> (B, 43), dropout 0.5 before the last fc (training only)."""
+
+    def __init__(self, dropout: float = 0.5):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(256 * 5 * 5, 512),
+            nn.BatchNorm1d(512),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(512, SIGN_CLASSES),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+ARCHITECTURES = {"svhn2mnist": (Generator, Classifier), "usps": (LeNetGenerator, LeNetClassifier),
+                 "syn2gtrsb": (SignsGenerator, SignsClassifier)}
 
 
 def architecture_for(source: str, target: str) -> str:
-    """The paper's choice: the SVHN network for any pair with SVHN, the LeNet-style one for MNIST <-> USPS."""
+    """The original code's choice: the signs network for Synthetic Signs <-> GTSRB, the SVHN network for any
+    pair with SVHN, the LeNet-style one for MNIST <-> USPS."""
+    if {source, target} & {"synsig", "gtsrb"}:
+        return "syn2gtrsb"
     return "svhn2mnist" if "svhn" in (source, target) else "usps"
 
 

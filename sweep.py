@@ -29,7 +29,7 @@ import torch
 
 from algorithms import METHODS
 from config import Config, non_negative_int, positive_float, positive_int, resolve, result_settings
-from datasets import DOMAINS
+from datasets import pair_error
 from main import OneLineErrors, build_parser as main_parser, given_settings, seed_range
 from results import OutputError, atomic_text, seed_csv, write_table
 from run_control import lock_holder
@@ -370,8 +370,8 @@ def print_table(out: Path) -> None:
 
 def _pair(text: str) -> str:
     source, _, target = text.partition(":")
-    if source not in DOMAINS or target not in DOMAINS or source == target:
-        raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE:TARGET, two different ones of {', '.join(DOMAINS)}")
+    if pair_error(source, target):
+        raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE:TARGET; {pair_error(source, target)}")
     return text
 
 

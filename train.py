@@ -88,7 +88,7 @@ def save_target_confusion(model: SourceOnly, split: DigitsSplit, out: Path, titl
     """The ensemble's confusion matrix on `split` (the target test set) as a PNG."""
     predicted = model.predictions(split, chunk_size)[2].cpu().numpy()
     with writing(out):
-        save_confusion(predicted, split.labels.cpu().numpy(), out, title)
+        save_confusion(predicted, split.labels.cpu().numpy(), out, title, model.classes)
 
 
 class Run:

@@ -70,12 +70,18 @@ def save_tsne(models: list[tuple[str, SourceOnly]], data: Digits, out: Path, ima
             by_domain.scatter(*points[chosen].T, s=4, c=colour, alpha=0.5, label=f"{domain} ({chosen.sum()})")
         by_domain.legend(markerscale=3)
         by_domain.set_title(f"{name}: by domain")
+        digits = model.classes == NUM_CLASSES  # ten colours with a legend; the 43 signs on a colour scale
+        colours = DIGIT_COLOURS if digits else plt.get_cmap("nipy_spectral")
         for domain, marker in (("source", "o"), ("target", "x")):
             chosen = domains == domain
-            by_class.scatter(*points[chosen].T, s=5, c=classes[chosen], cmap=DIGIT_COLOURS, vmin=0, vmax=9, marker=marker,
-                             alpha=0.6, linewidths=0.6)
-        by_class.legend(handles=DIGIT_LEGEND, title="digit", fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
-        by_class.set_title(f"{name}: by digit (o source, x target)")
+            drawn = by_class.scatter(*points[chosen].T, s=5, c=classes[chosen], cmap=colours, vmin=0,
+                                     vmax=model.classes - 1, marker=marker, alpha=0.6, linewidths=0.6)
+        if digits:
+            by_class.legend(handles=DIGIT_LEGEND, title="digit", fontsize="small", loc="center left",
+                            bbox_to_anchor=(1, 0.5))
+        else:
+            figure.colorbar(drawn, ax=by_class, label="class")
+        by_class.set_title(f"{name}: by {'digit' if digits else 'class'} (o source, x target)")
         for axes_ in (by_domain, by_class):
             axes_.set_xticks([])
             axes_.set_yticks([])

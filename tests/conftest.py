@@ -1,5 +1,5 @@
-"""Tiny SVHN (.mat), MNIST (IDX, plain and .gz) and USPS files in torchvision's layout (nothing is
-downloaded), and the helpers the tests share: a training command line, a CSV's rows."""
+"""Tiny SVHN (.mat), MNIST (IDX, plain and .gz), USPS, GTSRB and Synthetic Signs files in their public
+layouts (nothing is downloaded), and the helpers the tests share: a training command line, a CSV's rows."""
 
 from __future__ import annotations
 
@@ -108,6 +108,56 @@ def make_digits_root(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
     return labels
 
 
+SIGN_CLASSES_USED = (0, 7, 42)  # a few of the 43 classes, the last one included
+
+
+def _sign(label: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """An RGB image whose colour tells its class, with noise: learnable in a few iterations."""
+    colour = np.array([(label * 97) % 256, (label * 57 + 80) % 256, (label * 31 + 160) % 256])
+    return (colour + rng.integers(-20, 21, (height, width, 3))).clip(0, 255).astype(np.uint8)
+
+
+def make_signs_root(root: Path, seed: int = 0, per_class: int = 6) -> dict[str, list[int]]:
+    """GTSRB in torchvision's extracted layout (ROI-annotated .ppm files of several sizes) and Synthetic
+    Signs in their release layout (40x40 PNGs, one 48x48 to be resized); returns the labels in reading order."""
+    from PIL import Image
+
+    rng, labels = np.random.default_rng(seed), {"gtsrb_train": [], "gtsrb_test": [], "synsig": []}
+    header = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
+    test_dir = root / "gtsrb" / "GTSRB" / "Final_Test" / "Images"
+    test_dir.mkdir(parents=True)
+    test_rows = []
+    for label in SIGN_CLASSES_USED:
+        folder = root / "gtsrb" / "GTSRB" / "Training" / f"{label:05d}"
+        folder.mkdir(parents=True)
+        rows = []
+        for index in range(per_class):
+            width, height = 30 + index, 32 + 2 * index
+            image = np.zeros((height, width, 3), np.uint8)  # a black border around the sign: the ROI drops it
+            image[5:height - 5, 5:width - 5] = _sign(label, width - 10, height - 10, rng)
+            Image.fromarray(image).save(folder / f"00000_{index:05d}.ppm")
+            rows.append(f"00000_{index:05d}.ppm;{width};{height};5;5;{width - 5};{height - 5};{label}\n")
+            labels["gtsrb_train"].append(label)
+            name = f"{len(test_rows):05d}.ppm"
+            Image.fromarray(image).save(test_dir / name)
+            test_rows.append(f"{name};{width};{height};5;5;{width - 5};{height - 5};{label}\n")
+            labels["gtsrb_test"].append(label)
+        (folder / f"GT-{label:05d}.csv").write_text(header + "".join(rows))
+    (root / "gtsrb" / "GT-final_test.csv").write_text(header + "".join(test_rows))
+    synthetic = root / "synsig" / "synthetic_data"
+    (synthetic / "train").mkdir(parents=True)
+    lines = []
+    for index in range(10 * len(SIGN_CLASSES_USED)):
+        label = SIGN_CLASSES_USED[index % len(SIGN_CLASSES_USED)]
+        size = 48 if index == 0 else 40
+        Image.fromarray(_sign(label, size, size, rng)).save(synthetic / "train" / f"{index:05d}.png")
+        lines.append(f"train/{index:05d}.png {label} 1\n")
+        labels["synsig"].append(label)
+    (synthetic / "train_labelling.txt").write_text("".join(lines))
+    return labels
+
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never touch the network: any connection attempt in this process fails the test loudly."""
@@ -117,6 +167,14 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture(scope="session")
+def signs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Traffic-sign fixtures shared by the whole session (read-only by convention)."""
+    root = tmp_path_factory.mktemp("signs")
+    make_signs_root(root)
+    return root
 
 
 @pytest.fixture(scope="session")

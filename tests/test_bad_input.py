@@ -15,6 +15,7 @@ import pytest
 import scipy.io
 import torch
 
+import dataset_files
 import datasets
 import main as main_module
 from conftest import idx_bytes
@@ -69,7 +70,7 @@ def _offline(root: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     def no_network(url, folder, filename, md5):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(datasets, "download_url", no_network)
+    monkeypatch.setattr(dataset_files, "download_url", no_network)
     return ["DOWNLOAD"]
 
 

@@ -10,6 +10,7 @@ import pytest
 import scipy.io
 import torch
 
+import dataset_files
 import datasets
 from datasets import BatchStream, DataError, load_digits, to_model_input
 
@@ -94,9 +95,9 @@ def test_checksum_mismatch_refused_without_flag(fresh_root):
     with pytest.raises(DataError) as error:
         _load(root, allow_unverified=False)
     message = str(error.value)
-    actual = datasets.calculate_md5(root / "svhn" / "train_32x32.mat")
+    actual = dataset_files.calculate_md5(root / "svhn" / "train_32x32.mat")
     assert "train_32x32.mat" in message and actual in message
-    assert datasets.SVHN_FILES["train"][2] in message and "--allow-unverified-data" in message
+    assert dataset_files.SVHN_FILES["train"][2] in message and "--allow-unverified-data" in message
 
 
 def test_unverified_files_load_with_flag_and_warn(fresh_root, capsys):
@@ -105,15 +106,15 @@ def test_unverified_files_load_with_flag_and_warn(fresh_root, capsys):
     assert len(data.files) == 6 and not any(f.verified for f in data.files)
     assert capsys.readouterr().err.count("warning:") == 6
     for f in data.files:
-        assert f.md5 == datasets.calculate_md5(f.path)
+        assert f.md5 == dataset_files.calculate_md5(f.path)
 
 
 def _pretend_official(monkeypatch, root: Path) -> None:
     """Make the fixture files 'the official release' by patching the expected MD5s to theirs."""
-    svhn = {s: (url, name, datasets.calculate_md5(root / "svhn" / name)) for s, (url, name, _) in datasets.SVHN_FILES.items()}
-    mnist = {gz: datasets.calculate_md5(root / "MNIST" / "raw" / gz) for gz in datasets.MNIST_GZ_MD5}
-    monkeypatch.setattr(datasets, "SVHN_FILES", svhn)
-    monkeypatch.setattr(datasets, "MNIST_GZ_MD5", mnist)
+    svhn = {s: (url, name, dataset_files.calculate_md5(root / "svhn" / name)) for s, (url, name, _) in dataset_files.SVHN_FILES.items()}
+    mnist = {gz: dataset_files.calculate_md5(root / "MNIST" / "raw" / gz) for gz in dataset_files.MNIST_GZ_MD5}
+    monkeypatch.setattr(dataset_files, "SVHN_FILES", svhn)
+    monkeypatch.setattr(dataset_files, "MNIST_GZ_MD5", mnist)
 
 
 def test_official_files_pass_without_flag(fresh_root, monkeypatch, capsys):
@@ -180,11 +181,11 @@ def test_download_fetches_missing_files_into_torchvision_layout(fresh_root, tmp_
         origin = source / ("svhn" if name.endswith(".mat") else "MNIST/raw") / name
         shutil.copy(origin, Path(root) / filename)
 
-    monkeypatch.setattr(datasets, "download_url", fake_download_url)
+    monkeypatch.setattr(dataset_files, "download_url", fake_download_url)
     target = tmp_path / "fresh"
     data = _load(target, download=True)
     assert sorted(requested) == sorted(
-        [url for url, _, _ in datasets.SVHN_FILES.values()] + [datasets.MNIST_MIRRORS[0] + gz for gz in datasets.MNIST_GZ_MD5]
+        [url for url, _, _ in dataset_files.SVHN_FILES.values()] + [dataset_files.MNIST_MIRRORS[0] + gz for gz in dataset_files.MNIST_GZ_MD5]
     )
     assert (target / "svhn" / "train_32x32.mat").exists()
     assert (target / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
@@ -196,7 +197,7 @@ def test_download_failure_names_url_file_and_offline_route(tmp_path, monkeypatch
     def offline(url, root, filename, md5):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(datasets, "download_url", offline)
+    monkeypatch.setattr(dataset_files, "download_url", offline)
     with pytest.raises(DataError) as error:
         _load(tmp_path / "data", download=True)
     message = str(error.value)
