@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -180,3 +182,14 @@ def test_the_signs_pair_trains_end_to_end_with_43_classes(signs_root, tmp_path, 
     heads = [value for key, value in checkpoint["models"].items() if key.startswith("F1.") and key.endswith("weight")]
     assert heads[-1].shape[0] == 43  # the last layer of F1: GTSRB's 43 classes
     assert main_module.main(["--evaluate", str(csv_path.with_suffix(".pt")), "--device", "cpu"]) == 0
+
+
+def test_a_sweep_gives_table_1_its_signs_column(signs_root, tmp_path):
+    out = tmp_path / "sweep"
+    command = [sys.executable, str(sweep.ROOT / "sweep.py"), "launch", "--out", str(out), "--pairs", "synsig:gtsrb",
+               "--methods", "mcd", "--seeds", "1", "--gpus", "0", "--wait", *train_args(signs_root, out / "x.csv", epochs=1)]
+    command = command[:command.index("--csv")]  # the grid names each job's CSV
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = (out / "table.md").read_text()
+    assert table.startswith("| method | synsig→gtsrb |") and "| mcd | " in table and "(n=1)" in table
