@@ -33,7 +33,7 @@ import torch
 from algorithms import ALGORITHMS, METHODS
 from config import (PRECISIONS, Config, SettingError, batch_images, configure_backends, device_name, positive_int,
                     resolve, speed_label, switch, synchronize)
-from datasets import BatchStream, Digits, DigitsSplit, image_format
+from datasets import BatchStream, Digits, DigitsSplit, image_format, num_classes
 from iteration import Lane, SeedRandomness, TrainStep
 from main import HelpFormatter
 from train import batch_streams, evaluate_all, train_epoch
@@ -41,7 +41,7 @@ from train import batch_streams, evaluate_all, train_epoch
 # Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
 REAL_SIZES = {"source_train": 73_257, "source_test": 26_032, "target_train": 60_000, "target_test": 10_000}
 # --network: the pair whose network (and image format) is timed.
-NETWORKS = {"svhn": ("svhn", "mnist"), "lenet": ("mnist", "usps")}
+NETWORKS = {"svhn": ("svhn", "mnist"), "lenet": ("mnist", "usps"), "signs": ("synsig", "gtsrb")}
 
 # --sweep: each variant's switches in SWEEP_FLAGS order, slowest first; each change to the default
 # (bf16, graph, channels_last) is also timed alone, then compile on top.
@@ -60,13 +60,13 @@ SWEEP_CPU = (("fp32", "off", "off", "off"), ("bf16", "off", "off", "off"))
 
 
 def synthetic_digits(sizes: dict[str, int], device: torch.device, seed: int = 0,
-                     shape: tuple[int, int, int] = (3, 32, 32)) -> Digits:
+                     shape: tuple[int, int, int] = (3, 32, 32), classes: int = 10) -> Digits:
     """Random uint8 images (never zeros: they can run faster than real data) and random labels."""
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def split(n: int) -> DigitsSplit:
         images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, device=device, generator=generator)
-        return DigitsSplit(images, torch.randint(0, 10, (n,), device=device, generator=generator))
+        return DigitsSplit(images, torch.randint(0, classes, (n,), device=device, generator=generator))
 
     return Digits(**{name: split(n) for name, n in sizes.items()}, files=[])
 
@@ -114,7 +114,7 @@ def _setup(config: Config, sizes: dict[str, int], seeds: int = 1) -> tuple[torch
     device = torch.device(config.device)
     configure_backends(config)
     fmt = image_format(config.source, config.target)
-    data = synthetic_digits(sizes, device, shape=(fmt.channels, fmt.size, fmt.size))
+    data = synthetic_digits(sizes, device, shape=(fmt.channels, fmt.size, fmt.size), classes=num_classes(config.source))
     runs = []
     for seed in range(config.seed, config.seed + seeds):
         seeded = replace(config, seed=seed)
@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda if available")
     add("--method", choices=METHODS, default="mcd")
     add("--network", choices=NETWORKS, default="svhn",
-        help="svhn: the SVHN -> MNIST network (3x32x32); lenet: the MNIST <-> USPS one (1x28x28)")
+        help="svhn: the SVHN -> MNIST network (3x32x32); lenet: the MNIST <-> USPS one (1x28x28); signs: the "
+             "Synthetic Signs -> GTSRB one (3x40x40, 43 classes)")
     add("--seeds", type=positive_int, default=1, metavar="K",
         help="time K seeds side by side in one process, as main.py --parallel-seeds K: ms per round of all K "
              "and per seed-iteration")
