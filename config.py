@@ -147,6 +147,9 @@ class Config:
                                           "(e.g. the offline proxy), with a warning", "data")
     # output
     csv: str = setting("results.csv", "per-epoch results; results.json and the checkpoint (.pt) beside it", "output")
+    tensorboard: str | None = setting(None, "also write each epoch's losses, accuracies and label-free scores as "
+                                      "TensorBoard scalars in this folder, one run per CSV stem (TENSORBOARD/STEM) with "
+                                      "the settings as its hparams; never changes a result", "output", parse=str)
     eval_batch_size: int = setting(2048, "images per evaluation chunk", "output", parse=positive_int)
     resume: bool = setting(False, "continue the run whose checkpoint (same stem as --csv, .pt) is beside --csv",
                            "output")

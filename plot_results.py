@@ -2,6 +2,7 @@
 
     python plot_results.py results.csv [more.csv ...] [--out results.png]
     python plot_results.py runs/mcd_seed1.csv runs/mcd_seed2.csv runs/mcd_seed3.csv   # mean ± std band
+    python plot_results.py results.csv --validators   # a third panel: the label-free scores vs target accuracy
 
 CSVs named STEM_seedN.csv with the same STEM are seeds of one configuration: they are drawn as their
 mean with a ±1 std band (sample std) over the epochs all of them reached. Headless (Agg backend) and
@@ -28,8 +29,13 @@ from figures import save_figure  # noqa: E402  (the atomic PNG writer, shared wi
 # column -> legend text; colour marks the metric, line style marks the file (or the group of seeds)
 CURVES = {"source_acc": "source test", "target_acc_ensemble": "target test (ensemble)"}
 LOSSES = {"loss_source": "source CE (step A)", "discrepancy_b": "d in step B", "discrepancy_c": "d in step C"}
+# the label-free validators' columns (validators.py: that module imports torch, this one must not)
+VALIDATORS = {"val_entropy": ("mean entropy", "lower"), "val_im": ("information maximisation", "higher"),
+              "val_snd": ("SND", "higher"), "val_bnm": ("BNM", "higher"), "val_d": ("d(F1, F2)", "lower")}
 COLOURS = {"source_acc": "tab:blue", "target_acc_ensemble": "tab:red",
-           "loss_source": "tab:green", "discrepancy_b": "tab:purple", "discrepancy_c": "tab:orange"}
+           "loss_source": "tab:green", "discrepancy_b": "tab:purple", "discrepancy_c": "tab:orange",
+           "val_entropy": "tab:brown", "val_im": "tab:pink", "val_snd": "tab:olive", "val_bnm": "tab:cyan",
+           "val_d": "tab:gray"}
 LINE_STYLES = ("-", "--", ":", "-.")
 REQUIRED = ("epoch", *CURVES)
 SEED_FILE = re.compile(r"^(?P<stem>.+)_seed(?P<seed>\d+)$")
@@ -58,10 +64,10 @@ def _read_columns(path: Path) -> dict[str, list[float]]:
         if missing:
             raise PlotError(f"{path}: not a results CSV from main.py (missing columns: {', '.join(missing)})")
         columns: dict[str, list[float]] = {c: [] for c in REQUIRED}
-        optional = [c for c in LOSSES if c in reader.fieldnames]
+        optional = [c for c in (*LOSSES, *VALIDATORS) if c in reader.fieldnames]
         columns.update({c: [] for c in optional})
         for row in reader:
-            for column in optional:  # empty for source-only runs (no discrepancy): not drawn
+            for column in optional:  # empty for source-only runs (no discrepancy), older CSVs: not drawn
                 text = row[column] or ""
                 try:
                     columns[column].append(float(text) if text else math.nan)
@@ -122,9 +128,20 @@ def _draw(axes, runs: list[dict[str, list[float]]], column: str, style: str, lab
                       color=COLOURS[column], alpha=0.2, linewidth=0)
 
 
-def plot(paths: list[Path], out: Path) -> None:
+def _scaled(values: list[float], lower_is_better: bool) -> list[float]:
+    """Values mapped onto [0, 1] over their own range, 1 = best by that score (lower-is-better ones flipped)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return values
+    low, high = min(finite), max(finite)
+    span = (high - low) or 1.0
+    return [((high - v) if lower_is_better else (v - low)) / span if math.isfinite(v) else math.nan for v in values]
+
+
+def plot(paths: list[Path], out: Path, validators: bool = False) -> None:
     results = [read_results(p) for p in paths]  # read all first: a bad file stops before drawing
-    figure, (accuracy, losses) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+    figure, panels = plt.subplots(3 if validators else 2, 1, figsize=(8, 11.5 if validators else 8), sharex=True)
+    accuracy, losses = panels[:2]
     for index, (label, members) in enumerate(_groups(paths)):
         style = LINE_STYLES[index % len(LINE_STYLES)]
         runs = [results[i] for i in members]
@@ -132,13 +149,24 @@ def plot(paths: list[Path], out: Path) -> None:
             _draw(accuracy, runs, column, style, f"{label}: {text}")
         for column, text in LOSSES.items():
             _draw(losses, runs, column, style, f"{label}: {text}")
+        if validators:  # each run scaled on its own, then drawn as one line or the seeds' mean ± std
+            scales = {**{column: direction == "lower" for column, (_, direction) in VALIDATORS.items()},
+                      "target_acc_ensemble": False}
+            scaled = [{"epoch": run["epoch"], **{c: _scaled(run[c], lower) for c, lower in scales.items() if c in run}}
+                      for run in runs]
+            for column, (text, direction) in {**VALIDATORS, "target_acc_ensemble": ("target test accuracy", "higher")
+                                              }.items():
+                _draw(panels[2], scaled, column, style, f"{label}: {text} ({direction} is better)")
     accuracy.set_ylabel("accuracy (%)")
     accuracy.set_title("test accuracy per epoch")
     losses.set_ylabel("epoch mean (log scale)")
     losses.set_yscale("log")
-    losses.set_xlabel("epoch")
     losses.set_title("training losses and discrepancy")
-    for axes in (accuracy, losses):
+    if validators:
+        panels[2].set_ylabel("scaled to its range (1 = best)")
+        panels[2].set_title("label-free validators and target accuracy (target labels: reference only)")
+    panels[-1].set_xlabel("epoch")
+    for axes in panels:
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:  # a CSV without loss columns draws no losses
             axes.legend(fontsize="small")
@@ -153,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Plot per-epoch accuracies from main.py's results CSVs.", allow_abbrev=False)
     parser.add_argument("csv", nargs="+", type=Path, help="one or more results CSVs")
     parser.add_argument("--out", type=Path, default=None, help="output PNG (default: the first CSV with .png)")
+    parser.add_argument("--validators", action="store_true",
+                        help="a third panel: each label-free validator's curve (scaled to its range) beside target accuracy")
     args = parser.parse_args(argv)
     out = args.out or args.csv[0].with_suffix(".png")
     try:
         if any(out.resolve() == path.resolve() for path in args.csv):
             raise PlotError(f"--out {out} is one of the input CSVs; give a .png path")
-        plot(args.csv, out)
+        plot(args.csv, out, args.validators)
     except PlotError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@
     results.json          the config, versions, device, data files + MD5s, the last row (rewritten whole)
     results_seedN.*       the same per seed of a multi-seed run
     results_summary.csv   mean and sample std over seeds of each seed's LAST epoch (never a best epoch)
+    results_selection.csv the epoch each label-free validator picks, beside the last epoch and the oracle
+    results_selection_summary.csv   the same over seeds, with each validator's rank correlation
     table.md, table.csv   a sweep's Table 1: one cell per (method, pair), the same statistics
 
 Every file is written whole to a temp file and renamed, or appended and fsynced: a crash leaves the
@@ -29,15 +31,16 @@ import torchvision
 
 from config import Config, device_name, protocol_values
 from datasets import DataFile
+from validators import COLUMNS as VALIDATION_COLUMNS
 
-# A CSV row: these, the method's loss columns (its LOSSES), then the accuracies.
+# A CSV row: these, the method's loss columns (its LOSSES), the accuracies, then the label-free scores.
 PROGRESS_COLUMNS = ("epoch", "iterations", "seconds")
 ACCURACY_COLUMNS = ("source_acc", "target_acc_f1", "target_acc_f2", "target_acc_ensemble")
 
 
 def csv_columns(losses: tuple[str, ...]) -> tuple[str, ...]:
     """The CSV's header for a method whose update() returns (some of) `losses`."""
-    return (*PROGRESS_COLUMNS, *losses, *ACCURACY_COLUMNS)
+    return (*PROGRESS_COLUMNS, *losses, *ACCURACY_COLUMNS, *VALIDATION_COLUMNS)
 
 
 class OutputError(Exception):
@@ -97,9 +100,11 @@ def atomic_text(path: Path, intact: str = "") -> Iterator[TextIO]:
         tmp.unlink(missing_ok=True)
 
 
-def _format(value: float | int | None) -> str:
+def _format(value: float | int | str | None) -> str:
     if value is None:
         return ""
+    if isinstance(value, str):
+        return value
     return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
@@ -214,6 +219,29 @@ def seed_csv(csv_path: Path, seed: int) -> Path:
 def summary_path(csv_path: Path) -> Path:
     """results.csv -> results_summary.csv."""
     return csv_path.with_name(f"{csv_path.stem}_summary{csv_path.suffix}")
+
+
+def selection_path(csv_path: Path, over_seeds: bool = False) -> Path:
+    """results.csv -> results_selection.csv (one run), or results_selection_summary.csv (over seeds)."""
+    return csv_path.with_name(f"{csv_path.stem}_selection{'_summary' if over_seeds else ''}{csv_path.suffix}")
+
+
+def read_selection(path: Path) -> dict[str, float]:
+    """STEM_selection.csv as validator -> the target accuracy at its pick ({} when there is none)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            return {row["validator"]: float(row["target_acc_ensemble"]) for row in csv.DictReader(file)}
+    except FileNotFoundError:  # a run made before validators existed
+        return {}
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
+        raise OutputError(f"{path} is not a selection file of main.py ({type(error).__name__}); delete it and "
+                          "rerun that seed with --resume to write it again") from None
+
+
+def write_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """A small CSV written whole (atomically): one line per dict, its values under `columns`."""
+    with atomic_text(path) as file:
+        file.write(_csv_lines([columns, *([_format(row[column]) for column in columns] for row in rows)]))
 
 
 def summarize(final_rows: dict[int, dict]) -> list[dict]:

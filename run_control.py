@@ -124,7 +124,7 @@ def _holds_rows(csv_path: Path) -> bool:
 def _name_max(folder: Path) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # no pathconf on Windows, whose limit is 255 too
         return 255
 
 

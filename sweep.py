@@ -31,8 +31,9 @@ from algorithms import METHODS
 from config import Config, non_negative_int, positive_float, positive_int, resolve, result_settings
 from datasets import pair_error
 from main import OneLineErrors, build_parser as main_parser, given_settings, seed_range
-from results import OutputError, atomic_text, seed_csv, write_table
+from results import OutputError, atomic_text, read_selection, seed_csv, selection_path, write_table
 from run_control import lock_holder
+from validators import VALIDATORS
 
 ROOT = Path(__file__).resolve().parent
 MANIFEST = "sweep.json"
@@ -350,20 +351,25 @@ def status(out: Path) -> int:
     return 0
 
 
-def print_table(out: Path) -> None:
+def print_table(out: Path, validator: str | None = None) -> None:
     """Table 1's form: each (method, pair) cell is the last epoch's target ensemble accuracy of each seed
-    that finished all of the job's epochs."""
+    that finished all of the job's epochs; with a validator, a row beside each method's at the epoch that
+    validator picked in each seed (its STEM_selection.csv)."""
     cells = []
     for job in load_jobs(out):
         records = [seed_csv(job.csv(out), seed).with_suffix(".json") for seed in job.finished_seeds(out)]
-        cells.append({"method": job.method, "pair": f"{job.source}→{job.target}", "made_with": describe(job),
-                      "values": [json.loads(record.read_text())["final_row"]["target_acc_ensemble"] for record in records],
-                      "expected": len(seed_numbers(job.seeds))})
+        base = {"pair": f"{job.source}→{job.target}", "made_with": describe(job), "expected": len(seed_numbers(job.seeds))}
+        cells.append({**base, "method": job.method, "values": [
+            json.loads(record.read_text())["final_row"]["target_acc_ensemble"] for record in records]})
+        if validator:
+            picks = [read_selection(selection_path(record.with_suffix(".csv"))).get(validator) for record in records]
+            cells.append({**base, "method": f"{job.method} ({validator})", "values": [p for p in picks if p is not None]})
     try:
         lines = write_table(out, cells)
     except OutputError as error:
         raise SweepError(str(error)) from None
-    print("target test accuracy (ensemble), last epoch, mean ± sample std over seeds")
+    print("target test accuracy (ensemble), last epoch" + (f" and at {validator}'s pick" if validator else "")
+          + ", mean ± sample std over seeds")
     print("\n".join(lines))
     print(f"wrote {out / 'table.md'} and {out / 'table.csv'}")
 
@@ -400,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--array-parallelism", type=positive_int, default=64, help="slurm: array tasks running at once")
     for name, text in (("status", "each job's state"), ("table", "the Table 1 summary")):
         commands.add_parser(name, help=text, allow_abbrev=False).add_argument("out", help="the sweep's folder")
+    commands.choices["table"].add_argument("--validator", choices=VALIDATORS, default=None,
+                                           help="a row beside each method's: the epoch this label-free score picked")
     return parser
 
 
@@ -416,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
             return launch(args, flags)
         if args.command == "status":
             return status(Path(args.out))
-        print_table(Path(args.out))
+        print_table(Path(args.out), args.validator)
         return 0
-    except SweepError as error:
+    except (SweepError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -30,19 +30,23 @@ from tqdm import tqdm
 
 from algorithms import ALGORITHMS, SourceOnly
 from checkpoint import checkpoint_path, load_checkpoint
-from config import Config, configure_backends, device_name, seed_everything, speed_label, synchronize
+from config import Config, configure_backends, result_settings, device_name, seed_everything, speed_label, synchronize
 from datasets import BatchStream, Digits, DigitsSplit, load_digits
 from figures import picture_path, save_confusion
 from iteration import Lane, LiveLosses, NonFiniteLoss, NonFiniteWatch, SeedRandomness, TrainStep, finite_weights
+import validators
 from results import (
+    OutputError,
     ResultsWriter,
     run_record,
     seed_csv,
+    selection_path,
     summarize,
     summary_line,
     summary_path,
     summary_table,
     write_json,
+    write_rows,
     write_summary,
     writing,
 )
@@ -72,16 +76,21 @@ def batch_streams(data: Digits, config: Config) -> tuple[BatchStream, BatchStrea
     )
 
 
-def evaluate_all(model: SourceOnly, data: Digits, chunk_size: int) -> dict[str, float]:
-    """The CSV's accuracy columns: source test (ensemble) and target test (F1, F2, ensemble)."""
+def evaluate_all(model: SourceOnly, data: Digits, chunk_size: int, validation_images: torch.Tensor | None = None
+                 ) -> dict[str, float]:
+    """The CSV's accuracy columns: source test (ensemble) and target test (F1, F2, ensemble); with
+    `validation_images` (target training images, no labels) also the label-free scores (validators.py)."""
     _, _, source_acc = model.evaluate(data.source_test, chunk_size)
     target_f1, target_f2, target_ensemble = model.evaluate(data.target_test, chunk_size)
-    return {
+    row = {
         "source_acc": source_acc,
         "target_acc_f1": target_f1,
         "target_acc_f2": target_f2,
         "target_acc_ensemble": target_ensemble,
     }
+    if validation_images is not None:
+        row.update(validators.scores((l1, l2) for _, l1, l2 in model.eval_passes(validation_images, chunk_size)))
+    return row
 
 
 def save_target_confusion(model: SourceOnly, split: DigitsSplit, out: Path, title: str, chunk_size: int) -> None:
@@ -101,6 +110,7 @@ class Run:
         self.config = config
         self.rows: list[dict] = list(checkpoint["rows"]) if checkpoint is not None else []
         self.saved_path = checkpoint_path(Path(config.csv))
+        self.board = self._tensorboard() if config.tensorboard else None  # before any file of the run is written
         self.device = torch.device(config.device)
         configure_backends(config)
         seed_everything(config.seed)  # model init and dropout masks, on every device
@@ -111,6 +121,7 @@ class Run:
                                            config.source, config.target, config.small_subsets, subset_seed=config.seed)
         self.data = data = shared_data[key]
         self.streams = batch_streams(data, config)
+        self.validation_images = data.target_train.images[validators.validation_subset(len(data.target_train)).to(self.device)]
         self.iterations = config.iters_per_epoch or min(len(data.source_train), len(data.target_train)) // config.batch_size
         self.model = ALGORITHMS[config.method](config, self.device, config.epochs * self.iterations)
         self.model.train()
@@ -134,6 +145,27 @@ class Run:
         )
         if self.rows and self.epoch == config.epochs:
             print(f"{config.csv} already holds all {config.epochs} epochs; raise --epochs to train further")
+
+    def _tensorboard(self):
+        """A SummaryWriter in TENSORBOARD/STEM; resuming, TensorBoard drops whatever an earlier process
+        wrote after the checkpoint's epoch (purge_step), so no epoch appears twice."""
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard is imported only when asked for
+
+        folder = Path(self.config.tensorboard) / Path(self.config.csv).stem
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return SummaryWriter(str(folder), purge_step=self.rows[-1]["epoch"] + 1 if self.rows else None)
+        except OSError as error:
+            raise OutputError(f"--tensorboard {self.config.tensorboard}: cannot write {folder} ({error.strerror}); "
+                              "choose another folder") from None
+
+    def _log_epoch(self, row: dict) -> None:
+        for name, value in row.items():
+            if name != "epoch" and value is not None:
+                kind = ("loss" if name in self.model.LOSSES else "validator" if name in validators.COLUMNS
+                        else "accuracy" if "acc" in name else "progress")
+                self.board.add_scalar(f"{kind}/{name}", value, row["epoch"])
+        self.board.flush()
 
     @property
     def epoch(self) -> int:
@@ -159,17 +191,29 @@ class Run:
             # training time only, summed over epochs; evaluation is not counted
             "seconds": (self.rows[-1]["seconds"] if self.rows else 0.0) + seconds,
             **{name: losses.get(name) for name in self.model.LOSSES},
-            **evaluate_all(self.model, self.data, self.config.eval_batch_size),
+            **evaluate_all(self.model, self.data, self.config.eval_batch_size, self.validation_images),
         }
         payload = checkpoint_payload(self.config, self.model, self.streams, self.data.files, self.rows + [row],
                                      self.resumed_at)
         self.checkpoints.submit(payload, row)
         self.rows.append(row)
+        if self.board is not None:
+            self._log_epoch(row)
         print(self.prefix + summary_line(row, self.config.epochs, self.model.LOSSES))
 
-    def save_confusion(self) -> None:
+    def finish(self) -> None:
+        """After the last epoch: the target confusion matrix, STEM_selection.csv (the epoch each validator
+        picks, validators.choose) and, with --tensorboard, the settings as hparams beside the last row."""
         save_target_confusion(self.model, self.data.target_test, picture_path(self.saved_path, "confusion"),
                               f"{self.config.method}, target test, ensemble", self.config.eval_batch_size)
+        write_rows(selection_path(Path(self.config.csv)), ["validator", "epoch", "target_acc_ensemble"],
+                   validators.choose(self.rows))
+        if self.board is not None:
+            settings = {name: getattr(self.config, name) for name in result_settings()}
+            self.board.add_hparams({name: value if isinstance(value, (int, float, str, bool)) else str(value)
+                                    for name, value in settings.items()},
+                                   {f"hparam/{name}": self.rows[-1][name] for name in ("source_acc", "target_acc_ensemble")},
+                                   run_name=".")
 
 
 def train_epoch(runs: list[Run], iterations: int, desc: str) -> list[dict[str, float]]:
@@ -204,9 +248,9 @@ def train_epoch(runs: list[Run], iterations: int, desc: str) -> list[dict[str, f
         bar.close()
 
 
-def train(*configs: Config) -> list[dict[str, float | int | None]]:
+def train(*configs: Config) -> list[list[dict[str, float | int | None]]]:
     """Train a run as configured (or several seeds side by side, each exactly the run it is alone),
-    writing a checkpoint and then a CSV row after every epoch; returns each run's last row. Raises
+    writing a checkpoint and then a CSV row after every epoch; returns each run's rows. Raises
     OutputError / ResumeError / DataError before anything is written, RunStopped on SIGINT/SIGTERM or a
     non-finite loss, keeping the last checkpoint and CSV intact. The outputs' locks and the signal
     handlers are held until every write has finished."""
@@ -232,6 +276,8 @@ def train(*configs: Config) -> list[dict[str, float | int | None]]:
                 for config, checkpoint in zip(configs, checkpoints):
                     runs.append(Run(config, checkpoint, shared_data, together=len(configs) > 1))
                     closing.callback(runs[-1].checkpoints.close)
+                    if runs[-1].board is not None:
+                        closing.callback(runs[-1].board.close)
                 setup_seconds = time.perf_counter() - clock
                 while unfinished := [run for run in runs if run.epoch < run.config.epochs]:
                     first = unfinished[0]
@@ -247,7 +293,7 @@ def train(*configs: Config) -> list[dict[str, float | int | None]]:
                         with run.lane.active():
                             run.end_epoch(run_losses, seconds)
             for run in runs:
-                run.save_confusion()
+                run.finish()
         except Interrupted as error:  # the message names the first unfinished run's files
             unfinished = [run for run in runs if run.epoch < run.config.epochs] or runs[-1:]
             if unfinished:
@@ -257,7 +303,7 @@ def train(*configs: Config) -> list[dict[str, float | int | None]]:
         if epoch_seconds:
             rest = time.perf_counter() - clock - setup_seconds - sum(epoch_seconds)
             print(timing_line(setup_seconds, epoch_seconds, rest, sum(run.step.capture_seconds for run in runs)))
-        return [run.rows[-1] for run in runs]
+        return [run.rows for run in runs]
 
 
 def timing_line(setup: float, epoch_seconds: list[float], rest: float, capture: float) -> str:
@@ -279,7 +325,8 @@ def run_seeds(config: Config, seeds: list[int]) -> None:
     csv_path = Path(config.csv)
     configs = [replace(config, seed=seed, csv=str(seed_csv(csv_path, seed))) for seed in seeds]
     check_seed_outputs(config, configs)
-    final_rows: dict[int, dict] = {}
+    final_rows: dict[int, dict] = {}  # seed -> its last row
+    every_row: dict[int, list[dict]] = {}  # seed -> all its rows, for the validators' rank correlations
     with contextlib.ExitStack() as locks, SignalGuard():
         for each in (config, *configs):  # the base name's lock covers the summary
             locks.enter_context(run_lock(Path(each.csv)))
@@ -288,10 +335,12 @@ def run_seeds(config: Config, seeds: list[int]) -> None:
                 group = [_fresh_unless_saved(each) for each in configs[first : first + config.parallel_seeds]]
                 for each in group:
                     print(f"== seed {each.seed}: {each.csv}")
-                for each, row in zip(group, train(*group)):
-                    final_rows[each.seed] = row
+                for each, rows in zip(group, train(*group)):
+                    final_rows[each.seed], every_row[each.seed] = rows[-1], rows
             summary = summarize(final_rows)
             write_summary(summary_path(csv_path), summary)
+            choices = validators.summarize_choices(every_row)
+            write_rows(selection_path(csv_path, over_seeds=True), list(choices[0]), choices)
         except (Interrupted, RunStopped) as error:
             if isinstance(error, RunStopped) and (error.epochs_saved or error.advice or not final_rows):
                 raise  # it names its own run's files
@@ -300,7 +349,8 @@ def run_seeds(config: Config, seeds: list[int]) -> None:
             raise RunStopped(str(error), configs[0].csv if last is None else str(seed_csv(csv_path, last)),
                              final_rows[last]["epoch"] if last is not None else 0, error.exit_code) from error
     print(summary_table(summary))
-    print(f"wrote {summary_path(csv_path)}")
+    print(validators.choices_table(choices))
+    print(f"wrote {summary_path(csv_path)} and {selection_path(csv_path, over_seeds=True)}")
 
 
 def _fresh_unless_saved(config: Config) -> Config:

@@ -193,3 +193,5 @@ def test_a_sweep_gives_table_1_its_signs_column(signs_root, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     table = (out / "table.md").read_text()
     assert table.startswith("| method | synsig→gtsrb |") and "| mcd | " in table and "(n=1)" in table
+    assert sweep.main(["table", str(out), "--validator", "val_im"]) == 0  # a label-free pick's row beside last
+    assert "| mcd (val_im) | " in (out / "table.md").read_text()
