@@ -251,10 +251,7 @@ def launch(args: argparse.Namespace, flags: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise SweepError(f"--out {out}: cannot create it ({error.strerror}); choose another folder") from None
-    try:
-        save_jobs(out, jobs)
-    except OutputError as error:
-        raise SweepError(str(error)) from None
+    save_jobs(out, jobs)  # an OutputError (disk full, ...) is one line, exit 2, as a SweepError
     pending = [job for job in jobs if job.name in launched and not job.done(out)]
     print(f"{len(launched)} jobs, {len(launched) - len(pending)} done already, {len(pending)} to run")
     if not pending:
@@ -364,10 +361,7 @@ def print_table(out: Path, validator: str | None = None) -> None:
         if validator:
             picks = [read_selection(selection_path(record.with_suffix(".csv"))).get(validator) for record in records]
             cells.append({**base, "method": f"{job.method} ({validator})", "values": [p for p in picks if p is not None]})
-    try:
-        lines = write_table(out, cells)
-    except OutputError as error:
-        raise SweepError(str(error)) from None
+    lines = write_table(out, cells)
     print("target test accuracy (ensemble), last epoch" + (f" and at {validator}'s pick" if validator else "")
           + ", mean ± sample std over seeds")
     print("\n".join(lines))

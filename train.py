@@ -30,11 +30,10 @@ from tqdm import tqdm
 
 from algorithms import ALGORITHMS, SourceOnly
 from checkpoint import checkpoint_path, load_checkpoint
-from config import Config, configure_backends, result_settings, device_name, seed_everything, speed_label, synchronize
+from config import Config, configure_backends, device_name, result_settings, seed_everything, speed_label, synchronize
 from datasets import BatchStream, Digits, DigitsSplit, load_digits
 from figures import picture_path, save_confusion
 from iteration import Lane, LiveLosses, NonFiniteLoss, NonFiniteWatch, SeedRandomness, TrainStep, finite_weights
-import validators
 from results import (
     OutputError,
     ResultsWriter,
@@ -65,6 +64,7 @@ from run_control import (
     restore_run,
     run_lock,
 )
+import validators
 
 
 def batch_streams(data: Digits, config: Config) -> tuple[BatchStream, BatchStream]:
