@@ -69,7 +69,8 @@ def _default_text(setting: Field) -> str:
     meta = setting.metadata
     if meta["auto"]:
         return f"auto: {meta['auto']}"
-    return "off" if isinstance(setting.default, bool) and meta["parse"] is None else str(setting.default)
+    off = setting.default is None or (isinstance(setting.default, bool) and meta["parse"] is None)
+    return "off" if off else str(setting.default)
 
 
 def build_parser() -> argparse.ArgumentParser:
