@@ -350,8 +350,11 @@ sys.modules["fcntl"] = None  # as on Windows: `import fcntl` raises ImportError
 sys.path.insert(0, sys.argv[1])
 import warnings
 warnings.simplefilter("ignore")  # filelock warns that only a soft lock is available
-import benchmark, main, plot_results, run_control, sweep, train, visualize
+import importlib
 from pathlib import Path
+for module in sorted(Path(sys.argv[1]).glob("*.py")):  # every module of the project
+    importlib.import_module(module.stem)
+import run_control
 assert not run_control.NATIVE_LOCKS
 try:
     with run_control.run_lock(Path(sys.argv[2])):
