@@ -38,7 +38,9 @@ def seed_runs(digits_root, tmp_path_factory) -> Path:
 
 def test_seeds_write_one_run_each_and_a_summary_of_last_epochs(seed_runs, capsys):
     folder = seed_runs.parent
-    assert sorted(p.name for p in folder.glob("*.csv")) == ["mcd_seed1.csv", "mcd_seed2.csv", "mcd_seed3.csv", "mcd_summary.csv"]
+    assert sorted(p.name for p in folder.glob("*.csv")) == sorted(
+        [*(f"mcd_seed{seed}{kind}.csv" for seed in (1, 2, 3) for kind in ("", "_selection")), "mcd_summary.csv",
+         "mcd_selection_summary.csv"])  # each seed's run and validators' picks; both summaries over seeds
     assert all((folder / f"mcd_seed{seed}.pt").exists() for seed in (1, 2, 3))
     last = {seed: _rows(folder / f"mcd_seed{seed}.csv")[-1] for seed in (1, 2, 3)}
     assert len({row["target_acc_ensemble"] + row["loss_source"] for row in last.values()}) == 3  # seeds differ
