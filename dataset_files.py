@@ -106,13 +106,18 @@ def _check_md5(path: Path, md5: str, expected: str, allow_unverified: bool) -> b
     return md5 == expected or _unverified(message, "delete it to download it again", allow_unverified)
 
 
-def _single_file(path: Path, url: str, expected: str, allow_unverified: bool) -> DataFile:
-    """A dataset that is one file per split (SVHN's .mat, USPS's .bz2): downloaded if absent, then checked."""
+def _fetch_if_absent(url: str, path: Path, expected: str) -> None:
+    """The official file at `path`, downloaded when it is not there; a failed download is one DataError."""
     if not path.exists():
         try:
             _download(url, path, expected)
         except (urllib.error.URLError, OSError, RuntimeError) as error:
             raise _download_error(url, path, error) from error
+
+
+def _single_file(path: Path, url: str, expected: str, allow_unverified: bool) -> DataFile:
+    """A dataset that is one file per split (SVHN's .mat, USPS's .bz2): downloaded if absent, then checked."""
+    _fetch_if_absent(url, path, expected)
     md5 = calculate_md5(path)
     return DataFile(str(path), md5, _check_md5(path, md5, expected, allow_unverified))
 
@@ -179,11 +184,7 @@ def _gtsrb_files(root: Path, split: str, allow_unverified: bool) -> list[DataFil
     for name, expected, extracts in GTSRB_ARCHIVES[split]:
         archive, folder = root / "gtsrb" / name, root / "gtsrb"
         if not (folder / extracts).exists():
-            if not archive.exists():
-                try:
-                    _download(GTSRB_URL + name, archive, expected)
-                except (urllib.error.URLError, OSError, RuntimeError) as error:
-                    raise _download_error(GTSRB_URL + name, archive, error) from error
+            _fetch_if_absent(GTSRB_URL + name, archive, expected)
             try:
                 extract_archive(str(archive), str(folder))
             except Exception as error:  # zipfile raises several types for a damaged archive
@@ -293,6 +294,11 @@ def _sign_label(text: str, where: str) -> int:
     return label
 
 
+def _stack(pictures: list[np.ndarray]) -> np.ndarray:
+    """(N, 3, 40, 40) uint8 of the sign images read, N = 0 included (read_domain names the empty file)."""
+    return np.stack(pictures) if pictures else np.zeros((0, 3, SIGN_SIZE, SIGN_SIZE), np.uint8)
+
+
 GTSRB_COLUMNS = ("Filename", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId")
 
 
@@ -332,7 +338,7 @@ def _read_gtsrb(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             more, classes = _read_gtsrb_csv(folder / f"GT-{folder.name}.csv", folder)
             pictures += more
             labels += classes
-    return np.stack(pictures) if pictures else np.zeros((0, 3, SIGN_SIZE, SIGN_SIZE), np.uint8), np.array(labels, np.int64)
+    return _stack(pictures), np.array(labels, np.int64)
 
 
 def synsig_missing(root: Path) -> str:
@@ -360,8 +366,7 @@ def _read_synsig(root: Path) -> tuple[np.ndarray, np.ndarray, str]:
         labels.append(_sign_label(fields[1], where))
         pictures.append(_sign_image(listing.parent / fields[0], None, where))
         digest.update(line.encode() + pictures[-1].tobytes())
-    images = np.stack(pictures) if pictures else np.zeros((0, 3, SIGN_SIZE, SIGN_SIZE), np.uint8)
-    return images, np.array(labels, np.int64), digest.hexdigest()
+    return _stack(pictures), np.array(labels, np.int64), digest.hexdigest()
 
 
 def _held_out(count: int) -> np.ndarray:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from datasets import SIGN_CLASSES, SIGNS
+
 FEATURE_DIM = 3072
-NUM_CLASSES = 10  # digits; the traffic signs have SIGN_CLASSES
-SIGN_CLASSES = 43
+NUM_CLASSES = 10  # digits; the traffic signs have SIGN_CLASSES (43)
 BATCHNORM_INITS = ("ones", "uniform")
 
 
@@ -159,7 +160,7 @@ ARCHITECTURES = {"svhn2mnist": (Generator, Classifier), "usps": (LeNetGenerator,
 def architecture_for(source: str, target: str) -> str:
     """The original code's choice: the signs network for Synthetic Signs <-> GTSRB, the SVHN network for any
     pair with SVHN, the LeNet-style one for MNIST <-> USPS."""
-    if {source, target} & {"synsig", "gtsrb"}:
+    if {source, target} & set(SIGNS):
         return "syn2gtrsb"
     return "svhn2mnist" if "svhn" in (source, target) else "usps"
 
