@@ -8,22 +8,25 @@ Source and target always go through G in separate forward passes, so BatchNorm s
 statistics, as in the original code.
 
 The contract every method follows (DomainBed's): a method is an nn.Module built as
-Method(config, device, total_iterations) that owns its networks (as submodules, so its state_dict holds
-them all) and its optimisers (self.optimizers, by name). update(xs, ys, xt) runs one training iteration
-and returns a dict of on-device losses, whose keys are among the method's LOSSES: the CSV's loss
-columns, in order. Checkpoints save and restore state_dict() and every optimiser, whatever they are.
-A new method is one class here plus its line in ALGORITHMS. For update() to run inside a CUDA graph it
-must keep to iteration.TrainStep's rules (no host reads, fixed shapes, state changed in place).
+Method(config, classes, device, total_iterations) that owns its networks (as submodules, so its
+state_dict holds them all) and its optimisers (self.optimizers, by name). update(xs, ys, xt) runs one
+training iteration and returns a dict of on-device losses, whose keys are among the method's LOSSES:
+the CSV's loss columns, in order. Checkpoints save and restore state_dict() and every optimiser. A new
+method is one class here plus its line in ALGORITHMS; a new discrepancy is one function plus its line
+in DISCREPANCIES. For update() to run inside a CUDA graph it keeps to iteration.TrainStep's rules (no
+host reads, fixed shapes, state changed in place).
 
-Numerics: bf16 autocast (when configured) for convolutions and matrix products; softmax,
-cross-entropy and d in fp32; fp32 is exact (TF32 off); fused Adam on CUDA.
+This file is the mathematics only. How fast it runs (compilation, memory layout, fused optimisers,
+CUDA graphs) is applied from outside by iteration.speed_up; precision stays here because it changes
+results: bf16 autocast (when configured) for convolutions and matrix products, softmax, cross-entropy
+and d in fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
 from itertools import chain
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +34,8 @@ from torch import nn
 
 from config import Config
 from datasets import DigitsSplit, to_model_input
-from models import architecture_for, build_models
+from models import build_models
+
 
 def discrepancy(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
     """d(p1, p2): mean over batch and classes of |softmax(p1) - softmax(p2)|, computed in fp32."""
@@ -47,10 +51,28 @@ def sliced_wasserstein_discrepancy(logits1: torch.Tensor, logits2: torch.Tensor,
     return (projected1 - projected2).pow(2).mean()
 
 
-def random_directions(classes: int, count: int, device: torch.device) -> torch.Tensor:
+def random_directions(classes: int, count: int, device: torch.device, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
     """(classes, count) directions drawn uniformly on the unit sphere: normalised Gaussian columns."""
-    directions = torch.randn(classes, count, device=device)
+    directions = torch.randn(classes, count, device=device, generator=generator)
     return directions / directions.norm(dim=0, keepdim=True)
+
+
+def l1(logits1: torch.Tensor, logits2: torch.Tensor, config: Config, generator: torch.Generator | None = None
+       ) -> torch.Tensor:
+    """--discrepancy l1: the paper's d."""
+    return discrepancy(logits1, logits2)
+
+
+def swd(logits1: torch.Tensor, logits2: torch.Tensor, config: Config, generator: torch.Generator | None = None
+        ) -> torch.Tensor:
+    """--discrepancy swd: SWD on config.swd_projections fresh directions (from `generator`, else torch's default)."""
+    directions = random_directions(logits1.shape[1], config.swd_projections, logits1.device, generator)
+    return sliced_wasserstein_discrepancy(logits1, logits2, directions)
+
+
+# --discrepancy NAME: d(logits1, logits2, config, generator) -> a scalar, fp32
+DISCREPANCIES: dict[str, Callable[..., torch.Tensor]] = {"l1": l1, "swd": swd}
 
 
 @contextlib.contextmanager
@@ -73,17 +95,10 @@ class SourceOnly(nn.Module):
     # MCD's columns: the baseline's rows line up with MCD's, its discrepancies left empty.
     LOSSES: tuple[str, ...] = ("loss_source", "discrepancy_b", "discrepancy_c")
 
-    def __init__(self, config: Config, device: torch.device, total_iterations: int):
+    def __init__(self, config: Config, classes: int, device: torch.device, total_iterations: int):
         super().__init__()
-        self.config, self.device = config, device
-        self.G, self.F1, self.F2 = build_models(device, architecture_for(config.source, config.target),
-                                                config.batchnorm_init)
-        if config.channels_last:
-            self.G.to(memory_format=torch.channels_last)
-        # Training forward passes, compiled when asked (a tuple: not registered as submodules twice).
-        # Evaluation calls the eager modules: other batch shapes and eval mode would each cost a
-        # recompilation for a few milliseconds of work.
-        self.passes = tuple(torch.compile(m) if config.compile else m for m in (self.G, self.F1, self.F2))
+        self.config, self.device, self.classes = config, device, classes
+        self.G, self.F1, self.F2 = build_models(device, config.network, classes, config.batchnorm_init)
         # One Adam for G and one for both heads; Adam is per-parameter, so this equals the original's
         # separate optimisers for F1 and F2. weight_decay is Adam's L2 term, as in the original.
         self.opt_g = self.adam(self.G.parameters())
@@ -91,11 +106,8 @@ class SourceOnly(nn.Module):
         self.optimizers = {"G": self.opt_g, "F": self.opt_f}
 
     def adam(self, parameters) -> torch.optim.Adam:
-        """The paper's optimiser. On CUDA the fused kernel (same update, one launch per step);
-        capturable keeps the step count on the device so the update can be replayed in a CUDA graph."""
-        return torch.optim.Adam(parameters, lr=self.config.lr, weight_decay=self.config.weight_decay,
-                                fused=True if self.device.type == "cuda" else None,
-                                capturable=self.config.cuda_graph)
+        """The paper's optimiser."""
+        return torch.optim.Adam(parameters, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def autocast(self) -> torch.autocast:
         """bf16 convolutions and matrix products when precision is bf16; a no-op otherwise. Losses take
@@ -105,26 +117,15 @@ class SourceOnly(nn.Module):
             self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16", cache_enabled=False
         )
 
-    @property
-    def classes(self) -> int:
-        """How many classes the heads tell apart (10 digits, 43 traffic signs)."""
-        return [m for m in self.F1.modules() if isinstance(m, nn.Linear)][-1].out_features
-
-    def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) uint8 -> the model's input in [-1, 1], in G's memory format."""
-        x = to_model_input(images)
-        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, features): 3072 for the SVHN network, 768 for the USPS one, 6400 for the signs
-        one: G's training forward pass."""
+        """(B, C, H, W) in [-1, 1] -> (B, G.features): 3072 for the SVHN network, 768 for the USPS one."""
         with self.autocast():
-            return self.passes[0](x)
+            return self.G(x)
 
     def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, features) -> the logits of F1 and F2, each (B, classes): 10 digits or 43 traffic signs."""
+        """(B, G.features) -> the logits of F1 and F2, each (B, classes): 10 digits, 43 traffic signs."""
         with self.autocast():
-            return self.passes[1](features), self.passes[2](features)
+            return self.F1(features), self.F2(features)
 
     def source_loss(self, logits: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Both heads' source cross-entropy, in fp32."""
@@ -151,7 +152,7 @@ class SourceOnly(nn.Module):
         self.eval()
         try:
             for start in range(0, len(images), chunk_size):
-                x = self.inputs(images[start : start + chunk_size])
+                x = to_model_input(images[start : start + chunk_size])
                 with self.autocast():
                     features = self.G(x)
                     logits1, logits2 = self.F1(features).float(), self.F2(features).float()
@@ -175,11 +176,8 @@ class MCD(SourceOnly):
     """Maximum Classifier Discrepancy: step A, then B (heads maximise d), then C (G minimises d)."""
 
     def discrepancy(self, logits: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The configured d between the heads' logits; SWD draws fresh directions on every call."""
-        if self.config.discrepancy == "swd":
-            directions = random_directions(logits[0].shape[1], self.config.swd_projections, logits[0].device)
-            return sliced_wasserstein_discrepancy(*logits, directions)
-        return discrepancy(*logits)
+        """The run's d (DISCREPANCIES[config.discrepancy]) between the heads' logits."""
+        return DISCREPANCIES[self.config.discrepancy](*logits, self.config)
 
     def step_b(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         """B: with G fixed, F1 and F2 minimise source CE - d on the target."""
@@ -238,11 +236,10 @@ class DANN(SourceOnly):
 
     LOSSES = ("loss_source", "loss_domain")
 
-    def __init__(self, config: Config, device: torch.device, total_iterations: int):
-        super().__init__(config, device, total_iterations)
-        features = next(m for m in self.F1.modules() if isinstance(m, nn.Linear)).in_features  # G's output size
+    def __init__(self, config: Config, classes: int, device: torch.device, total_iterations: int):
+        super().__init__(config, classes, device, total_iterations)
         self.D = nn.Sequential(  # the paper's SVHN discriminator: two hidden layers of 1024
-            nn.Linear(features, 1024), nn.ReLU(inplace=True),
+            nn.Linear(self.G.features, 1024), nn.ReLU(inplace=True),
             nn.Linear(1024, 1024), nn.ReLU(inplace=True),
             nn.Linear(1024, 1),
         ).to(device)

@@ -5,13 +5,12 @@
     python benchmark.py --full-epoch            # one real-size epoch (73,257 / 60,000 train images)
                                                 #   with its evaluation (26,032 / 10,000 test images)
     python benchmark.py --sweep --out runs/speed.jsonl   # every variant, one subprocess each, a table
-    python benchmark.py --seeds 5               # 5 seeds side by side (--parallel-seeds): per round and per seed
-    python benchmark.py --seeds 8 --network lenet   # the MNIST <-> USPS network
+    python benchmark.py --network usps          # the MNIST <-> USPS network
     python benchmark.py --profile               # where an iteration's time goes: kernels by group, a trace
     python benchmark.py --evaluation            # one evaluation (26,032 + 10,000 test images) per chunk size
 
-Iterations are the exact training code (iteration.TrainStep: on-device batch gather, steps A, B, C, the
-optimisers). Warm-up (cuDNN autotuning, compilation) and CUDA-graph capture are timed apart and
+Iterations are the exact training code (iteration.speed_up and TrainStep: on-device batch gather, steps
+A, B, C, the optimisers). Warm-up (cuDNN autotuning, compilation) and CUDA-graph capture are timed apart and
 excluded from ms/iter; on CUDA the timed region is bracketed by CUDA events. Prints a table, then one
 JSON line with everything (device, torch, flags, ms/iter median and spread over repeats, images/s,
 peak memory).
@@ -25,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,15 +31,16 @@ import torch
 from algorithms import ALGORITHMS, METHODS
 from config import (PRECISIONS, Config, SettingError, batch_images, configure_backends, device_name, positive_int,
                     resolve, speed_label, switch, synchronize)
-from datasets import BatchStream, Digits, DigitsSplit, image_format, num_classes
-from iteration import Lane, SeedRandomness, TrainStep
+from datasets import BatchStream, Digits, DigitsSplit
+from iteration import EpochLosses, TrainStep, speed_up
 from main import HelpFormatter
-from train import batch_streams, evaluate_all, train_epoch
+from models import NETWORKS
+from train import batch_streams, evaluate_all
 
 # Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
 REAL_SIZES = {"source_train": 73_257, "source_test": 26_032, "target_train": 60_000, "target_test": 10_000}
-# --network: the pair whose network (and image format) is timed.
-NETWORKS = {"svhn": ("svhn", "mnist"), "lenet": ("mnist", "usps"), "signs": ("synsig", "gtsrb")}
+# --network: the class count it is timed with (its pair's)
+CLASSES = {"svhn2mnist": 10, "usps": 10, "syn2gtrsb": 43}
 
 # --sweep: each variant's switches in SWEEP_FLAGS order, slowest first; each change to the default
 # (bf16, graph, channels_last) is also timed alone, then compile on top.
@@ -95,65 +94,52 @@ class Timer:
             self.seconds = time.perf_counter() - self.start
 
 
-@dataclass
-class TimedRun:
-    """What train.train_epoch needs of a run: its training step, batch streams and lane (no files)."""
-
-    step: TrainStep
-    streams: tuple[BatchStream, BatchStream]
-    lane: Lane
-    epoch: int = 0
-
-    def stopped(self, cause: str) -> Exception:
-        return RuntimeError(f"benchmark: {cause}")
-
-
-def _setup(config: Config, sizes: dict[str, int], seeds: int = 1) -> tuple[torch.device, Digits, list[TimedRun]]:
-    """Synthetic data and one run per seed (config.seed, config.seed + 1, ...), built as main.py builds
-    them: alone, a plain lane; several, side by side with their own generators and CUDA streams."""
+def _setup(config: Config, sizes: dict[str, int]) -> tuple[torch.device, Digits, TrainStep, tuple[BatchStream, BatchStream]]:
+    """Synthetic data of the network's image format and a training step built as train.py builds it."""
     device = torch.device(config.device)
     configure_backends(config)
-    fmt = image_format(config.source, config.target)
-    data = synthetic_digits(sizes, device, shape=(fmt.channels, fmt.size, fmt.size), classes=num_classes(config.source))
-    runs = []
-    for seed in range(config.seed, config.seed + seeds):
-        seeded = replace(config, seed=seed)
-        torch.manual_seed(seed)
-        model = ALGORITHMS[config.method](seeded, device, 1)
-        model.train()
-        runs.append(TimedRun(TrainStep(model, data.source_train, data.target_train), batch_streams(data, seeded),
-                             Lane(device, SeedRandomness(device) if seeds > 1 else None)))
-    return device, data, runs
+    spec = NETWORKS[config.network]
+    data = synthetic_digits(sizes, device, shape=(spec.channels, spec.size, spec.size), classes=CLASSES[config.network])
+    torch.manual_seed(config.seed)
+    method = ALGORITHMS[config.method](config, CLASSES[config.network], device, 1)
+    method.train()
+    speed_up(method, config)
+    return device, data, TrainStep(method, data.source_train, data.target_train, config), batch_streams(data, config)
 
 
-def time_iterations(config: Config, iters: int, repeats: int, warmup: int, seeds: int = 1) -> dict:
-    """ms per training iteration: `repeats` timed runs of `iters` iterations after `warmup` untimed ones.
-    With several seeds an iteration is one of every seed (a round); per seed-iteration is that / seeds."""
+def run_iterations(step: TrainStep, streams: tuple[BatchStream, BatchStream], iterations: int) -> dict[str, float]:
+    """`iterations` training steps as train.py's loop runs them; the losses' means."""
+    source, target = streams
+    losses = EpochLosses(step.method.device)
+    for _ in range(iterations):
+        losses.add(step(source.next(), target.next()))
+    return losses.means()
+
+
+def time_iterations(config: Config, iters: int, repeats: int, warmup: int) -> dict:
+    """ms per training iteration: `repeats` timed runs of `iters` iterations after `warmup` untimed ones."""
     sizes = {name: 8 * config.batch_size for name in REAL_SIZES}  # a few batches: shapes are what count
-    device, data, runs = _setup(config, sizes, seeds)
+    device, data, step, streams = _setup(config, sizes)
     with Timer(device) as setup:  # includes compilation and the graph capture
-        train_epoch(runs, max(warmup, TrainStep.WARMUP + 2), desc="warm-up")
+        run_iterations(step, streams, max(warmup, TrainStep.WARMUP + 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = []
     for _ in range(repeats):
         with Timer(device) as timer:
-            losses = train_epoch(runs, iters, desc="timed")
+            losses = run_iterations(step, streams, iters)
         ms.append(1000 * timer.seconds / iters)
     return {
-        "seeds": seeds,
         "ms_per_iter_median": statistics.median(ms),
         "ms_per_iter_min": min(ms),
         "ms_per_iter_max": max(ms),
         "ms_per_iter_all": ms,
-        "ms_per_seed_iter_median": statistics.median(ms) / seeds,
-        "images_per_s": seeds * 2 * config.batch_size * 1000 / statistics.median(ms),  # source + target images
+        "images_per_s": 2 * config.batch_size * 1000 / statistics.median(ms),  # source + target images
         "iters": iters,
         "repeats": repeats,
         "setup_s": setup.seconds,
-        "capture_s": sum(run.step.capture_seconds for run in runs),
-        "final_losses": losses[0],  # the first seed's
-        **({"final_losses_per_seed": losses} if seeds > 1 else {}),
+        "capture_s": step.capture_seconds,
+        "final_losses": losses,
         **_memory(device),
     }
 
@@ -161,14 +147,14 @@ def time_iterations(config: Config, iters: int, repeats: int, warmup: int, seeds
 def time_full_epochs(config: Config, sizes: dict[str, int] = REAL_SIZES, epochs: int = 2) -> dict:
     """Whole epochs at the real dataset sizes, training and evaluation each timed; the first epoch
     includes warm-up, compilation and capture. The 50-epoch figure is epoch 1 + 49 later epochs."""
-    device, data, [run] = _setup(config, sizes)
+    device, data, step, streams = _setup(config, sizes)
     iterations = min(sizes["source_train"], sizes["target_train"]) // config.batch_size
     train_s, eval_s = [], []
     for epoch in range(epochs):
         with Timer(device) as train_timer:
-            train_epoch([run], iterations, desc=f"epoch {epoch + 1}")
+            run_iterations(step, streams, iterations)
         with Timer(device) as eval_timer:
-            evaluate_all(run.step.model, data, config.eval_batch_size)
+            evaluate_all(step.method, data, config.eval_batch_size)
         train_s.append(train_timer.seconds)
         eval_s.append(eval_timer.seconds)
     epoch_s = [t + e for t, e in zip(train_s, eval_s)]
@@ -180,7 +166,7 @@ def time_full_epochs(config: Config, sizes: dict[str, int] = REAL_SIZES, epochs:
         "epoch_s": epoch_s,
         "ms_per_iter_epoch_2": 1000 * train_s[-1] / iterations,
         "projected_50_epochs_s": epoch_s[0] + 49 * later,
-        "capture_s": run.step.capture_seconds,
+        "capture_s": step.capture_seconds,
         **_memory(device),
     }
 
@@ -189,15 +175,15 @@ def time_evaluation(config: Config, chunk_sizes: list[int], repeats: int, sizes:
     """The per-epoch evaluation (evaluate_all: the source and target test sets, real sizes by default)
     at each chunk size: the median of `repeats` timed passes after an untimed one (autotuning)."""
     sizes = {**(sizes or REAL_SIZES), "source_train": config.batch_size, "target_train": config.batch_size}
-    device, data, [run] = _setup(config, sizes)
+    device, data, step, _ = _setup(config, sizes)
     images = len(data.source_test) + len(data.target_test)
     rows = []
     for chunk in chunk_sizes:
-        evaluate_all(run.step.model, data, chunk)
+        evaluate_all(step.method, data, chunk)
         seconds = []
         for _ in range(repeats):
             with Timer(device) as timer:
-                evaluate_all(run.step.model, data, chunk)
+                evaluate_all(step.method, data, chunk)
             seconds.append(timer.seconds)
         rows.append({"chunk": chunk, "eval_s_median": statistics.median(seconds), "eval_s_min": min(seconds),
                      "images_per_s": images / statistics.median(seconds)})
@@ -228,13 +214,13 @@ def profile_iterations(config: Config, iters: int, warmup: int, trace: Path, top
     the device time of every kernel (on a CPU: every operator's own time), grouped, per iteration and as
     a share of the total; the trace for chrome://tracing or Perfetto goes to `trace`."""
     sizes = {name: 8 * config.batch_size for name in REAL_SIZES}
-    device, _, runs = _setup(config, sizes)
-    train_epoch(runs, max(warmup, TrainStep.WARMUP + 2), desc="warm-up")
+    device, _, step, streams = _setup(config, sizes)
+    run_iterations(step, streams, max(warmup, TrainStep.WARMUP + 2))
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as profiler:
-        train_epoch(runs, iters, desc="profiled")
+        run_iterations(step, streams, iters)
         synchronize(device)
     wall_ms = 1000 * (time.perf_counter() - start) / iters
     trace.parent.mkdir(parents=True, exist_ok=True)
@@ -304,12 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda if available")
     add("--method", choices=METHODS, default="mcd")
-    add("--network", choices=NETWORKS, default="svhn",
-        help="svhn: the SVHN -> MNIST network (3x32x32); lenet: the MNIST <-> USPS one (1x28x28); signs: the "
-             "Synthetic Signs -> GTSRB one (3x40x40, 43 classes)")
-    add("--seeds", type=positive_int, default=1, metavar="K",
-        help="time K seeds side by side in one process, as main.py --parallel-seeds K: ms per round of all K "
-             "and per seed-iteration")
+    add("--network", choices=tuple(NETWORKS), default="svhn2mnist",
+        help="svhn2mnist: the SVHN -> MNIST network (3x32x32); usps: the MNIST <-> USPS one (1x28x28); syn2gtrsb: "
+             "the Synthetic Signs -> GTSRB one (3x40x40, 43 classes)")
     add("--batch-size", type=batch_images, default=128, help="images per domain per iteration")
     add("--num-k", type=positive_int, default=4, help="generator updates (step C) per iteration")
     add("--iters", type=positive_int, default=None, help="timed iterations per repeat (default: 100 on CUDA, 3 on CPU)")
@@ -338,7 +321,7 @@ def sweep(args: argparse.Namespace, device: str) -> int:
     rows, common = [], ["--device", device, "--method", args.method, "--batch-size", str(args.batch_size),
                         "--num-k", str(args.num_k), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     common += ["--iters", str(args.iters)] if args.iters else []
-    common += ["--network", args.network, "--seeds", str(args.seeds)]
+    common += ["--network", args.network]
     for variant in variants:
         command = [sys.executable, __file__, *common]
         for flag, value in zip(SWEEP_FLAGS, variant, strict=True):
@@ -376,12 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if sum((args.profile, args.full_epoch, args.sweep, args.evaluation)) > 1:
         parser.error("--profile, --full-epoch, --sweep and --evaluation are different measurements: choose one")
-    if args.full_epoch and (args.network, args.seeds) != ("svhn", 1):
-        parser.error("--full-epoch times one SVHN -> MNIST run at the real sizes: leave out --network and --seeds")
-    source, target = NETWORKS[args.network]
+    if args.full_epoch and args.network != "svhn2mnist":
+        parser.error("--full-epoch times one SVHN -> MNIST run at the real sizes: leave out --network")
     try:
         config = resolve({"device": args.device, "method": args.method, "batch_size": args.batch_size,
-                          "num_k": args.num_k, "source": source, "target": target, "precision": args.precision,
+                          "num_k": args.num_k, "network": args.network, "precision": args.precision,
                           "cuda_graph": args.cuda_graph, "compile": args.compile, "channels_last": args.channels_last})
     except SettingError as error:
         parser.error(str(error))
@@ -392,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {**environment(torch.device(config.device)), "method": config.method, "network": args.network,
               "batch_size": config.batch_size, "num_k": config.num_k, **speed}
     print(f"# {header['device']} | torch {header['torch']} | {config.method}, {args.network} network, batch "
-          f"{config.batch_size} + {config.batch_size}, num_k {config.num_k} | {speed_label(config)}"
-          + (f" | {args.seeds} seeds side by side" if args.seeds > 1 else ""), flush=True)
+          f"{config.batch_size} + {config.batch_size}, num_k {config.num_k} | {speed_label(config)}", flush=True)
     if args.profile:
         result = {**header, "mode": "profile", "cuda": on_cuda,
                   **profile_iterations(config, args.iters or (20 if on_cuda else 2), args.warmup, args.trace)}
@@ -411,10 +392,7 @@ def main(argv: list[str] | None = None) -> int:
               f"50 epochs projected: {result['projected_50_epochs_s']:.0f} s")
     else:
         iters = args.iters or (100 if on_cuda else 3)
-        result = {**header, "mode": "iterations", **time_iterations(config, iters, args.repeats, args.warmup, args.seeds)}
-        if args.seeds > 1:
-            print(f"{args.seeds} seeds: {result['ms_per_iter_median']:.2f} ms per round of all {args.seeds}, "
-                  f"{result['ms_per_seed_iter_median']:.2f} ms per seed-iteration")
+        result = {**header, "mode": "iterations", **time_iterations(config, iters, args.repeats, args.warmup)}
         print(f"{result['ms_per_iter_median']:.2f} ms/iter (median of {args.repeats} x {iters}; "
               f"{result['ms_per_iter_min']:.2f}-{result['ms_per_iter_max']:.2f}) | {result['images_per_s']:,.0f} images/s | "
               f"warm-up {result['setup_s']:.1f} s (capture {result['capture_s']:.2f} s)"

@@ -1,4 +1,5 @@
-"""Checkpoints: everything needed to continue a run exactly where its last finished epoch left it.
+"""Checkpoints: everything needed to continue a run exactly where its last finished epoch left it, and the
+saved model for --evaluate and pictures.
 
 A checkpoint sits beside the CSV (same stem, .pt) and holds the method's networks and optimisers, every
 random state (torch CPU and device, numpy, Python), both batch streams' positions, the config, the data
@@ -6,6 +7,7 @@ files' checksums and every CSV row so far. It is written atomically (temp file i
 fsync, rename), so a crash while saving leaves the previous one intact, and it is read back with
 torch.load(weights_only=True): tensors and plain containers only, never pickled code. A SHA-256 of
 its contents is stored inside and checked on loading, so a damaged file is refused, not resumed.
+CheckpointWriter writes each epoch's checkpoint, then its CSV row, on a background thread.
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ import hashlib
 import os
 import random
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from algorithms import ALGORITHMS, SourceOnly
+from config import Config, result_settings
+from datasets import BatchStream, DataFile, Digits, default_network, load_digits
+from results import ResultsWriter, writing
 
 FORMAT_VERSION = 1
 # Result settings added after checkpoints were first written, with the value every earlier run had.
@@ -107,7 +116,6 @@ def load_checkpoint(path: Path, flag: str = "--resume", verify: bool = True) -> 
 
 def config_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
     """The result-changing settings (`keys`) in which `current` differs from the checkpoint's config."""
-    saved = {**ADDED_LATER, **saved}
     differences = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in keys if saved.get(key) != current[key]]
     saved_device, device = torch.device(saved["device"]).type, torch.device(current["device"]).type
     if saved_device != device:  # the batch streams' generators and the RNG states are per device type
@@ -148,9 +156,189 @@ def restore_rng(state: dict, device: torch.device) -> None:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Loads the saved moments and step counts but keeps this run's implementation switches (fused,
-    capturable, foreach), so a run saved without CUDA graphs can resume with them and vice versa."""
+    capturable, foreach) and memory layout, so a run saved without CUDA graphs or channels_last can resume
+    with them and vice versa (load_state_dict converts dtype and device, not strides, which the fused
+    kernel needs to match its parameter's)."""
     for saved_group, group in zip(state["param_groups"], optimizer.param_groups):
         for key in ("fused", "capturable", "foreach"):
             if key in group:
                 saved_group[key] = group[key]
     optimizer.load_state_dict(state)
+    for parameter, moments in optimizer.state.items():
+        for key, value in moments.items():
+            if value.shape == parameter.shape and value.stride() != parameter.stride():
+                moments[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
+class HostStaging:
+    """The host copy of a checkpoint's state, in buffers allocated once and reused every epoch (same
+    layout as the live tensors). On CUDA the buffers are pinned and filled by asynchronous copies, queued
+    on the training stream before the next epoch's updates, so training goes on at once; the writer
+    waits for the copies' event before it reads them. Elsewhere the copies are plain and immediate."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}  # by the tensor's place in the payload
+        self.on_cuda = False  # whether the last stage() copied from the GPU
+
+    def stage(self, payload: dict) -> tuple[dict, torch.cuda.Event | None]:
+        """(the payload with every tensor replaced by its host copy, the event that marks the copies done)."""
+        self.on_cuda = False
+        state = self._copy(payload, ())
+        event = None
+        if self.on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return state, event
+
+    def _copy(self, value, key: tuple):
+        if isinstance(value, torch.Tensor):
+            cuda = value.device.type == "cuda"
+            self.on_cuda |= cuda
+            buffer = self.buffers.get(key)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype or buffer.stride() != value.stride():
+                buffer = self.buffers[key] = torch.empty_like(value, device="cpu", pin_memory=cuda)
+            return buffer.copy_(value.detach(), non_blocking=cuda)
+        if isinstance(value, dict):
+            return {name: self._copy(item, (*key, name)) for name, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(item, (*key, index)) for index, item in enumerate(value))
+        return value
+
+
+class CheckpointWriter:
+    """Writes each epoch's checkpoint and then its CSV row on one background thread, so training goes on
+    while ~440 MB reach the disk. The state is copied to the host first (HostStaging, at the epoch
+    boundary); writes happen one at a time, in epoch order, and the next copy waits for the previous
+    write, whose buffers it reuses; close() waits for the last one, so an interrupted run still finishes
+    writing the epoch it had completed. Signals only ever reach the main thread, never a write in progress."""
+
+    def __init__(self, path: Path, results: ResultsWriter):
+        self.path, self.results = path, results
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.pending: Future | None = None
+        self.staging = HostStaging()
+
+    def submit(self, payload: dict, row: dict) -> None:
+        self.wait()
+        intact = ("; the epochs before it are saved: free some space, then continue with --resume" if row["epoch"] > 1
+                  else "; no epoch was saved yet: free some space, then start again with --overwrite")
+        with writing(self.path, intact):  # the host copy can run out of memory
+            state, copied = self.staging.stage(payload)
+        self.pending = self.executor.submit(self._write, state, copied, row, intact)
+
+    def _write(self, payload: dict, copied: torch.cuda.Event | None, row: dict, intact: str) -> None:
+        if copied is not None:
+            copied.synchronize()
+        with writing(self.path, intact):
+            save_checkpoint(self.path, payload)
+        self.results.append(row, intact)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            future, self.pending = self.pending, None
+            future.result()  # re-raises a failed write here, on the training thread
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.executor.shutdown()
+            self.results.close()
+
+
+def checkpoint_payload(config: Config, model: SourceOnly, streams: tuple[BatchStream, BatchStream],
+                       files: list[DataFile], rows: list[dict], resumed_at: list[int], provenance: dict) -> dict:
+    """Everything train() needs to continue after rows[-1]['epoch'] exactly as if it had never stopped:
+    the method's whole state_dict (every network and buffer) and every optimiser, by name; and the
+    command line and code version that made it (results.provenance)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": asdict(config),
+        "provenance": provenance,
+        "epoch": rows[-1]["epoch"],
+        "rows": rows,
+        "resumed_at": resumed_at,
+        "models": model.state_dict(),
+        "optimizers": {name: optimizer.state_dict() for name, optimizer in model.optimizers.items()},
+        "streams": [stream.state_dict() for stream in streams],
+        "rng": rng_state(model.device),
+        "data_files": {Path(f.path).name: f.md5 for f in files},
+    }
+
+
+def _saved_networks(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The method's saved state_dict. Checkpoints written before methods saved their whole state_dict hold
+    one per network ({"G": {...}, "F1": ..., "F2": ...}): those are read as prefixes."""
+    saved = checkpoint["models"]
+    if all(isinstance(value, dict) for value in saved.values()):
+        saved = {f"{network}.{key}": value for network, state in saved.items() for key, value in state.items()}
+    return saved
+
+
+def saved_config(checkpoint: dict) -> dict:
+    """A checkpoint's settings, with the value every run had for those added after it was written (the
+    network was then always the pair's default)."""
+    saved = {**ADDED_LATER, **checkpoint["config"]}
+    saved.setdefault("network", default_network(saved.get("source", "svhn"), saved.get("target", "mnist")))
+    return saved
+
+
+def _load_networks(model: SourceOnly, checkpoint: dict, path: Path | None) -> None:
+    """The saved state_dict into the method."""
+    saved = _saved_networks(checkpoint)
+    expected = model.state_dict().keys()
+    missing, unexpected = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
+    if missing or unexpected:
+        raise ResumeError(f"{path or 'the checkpoint'} does not hold this method's networks (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}); use the checkpoint of a {checkpoint['config']['method']} run")
+    model.load_state_dict(saved)
+
+
+def check_resumable(checkpoint: dict, config: Config, path: Path) -> None:
+    """Refuses a checkpoint that cannot continue this run (other result settings, or past --epochs)."""
+    differences = config_differences(saved_config(checkpoint), asdict(config), result_settings())
+    if differences:
+        raise ResumeError(f"--resume: {path} was made with other settings ({'; '.join(differences)}); "
+                          "use the same flags, or --overwrite to start afresh")
+    if checkpoint["epoch"] > config.epochs:
+        raise ResumeError(f"--resume: {path} is already at epoch {checkpoint['epoch']}, past --epochs {config.epochs}")
+
+
+def restore_run(checkpoint: dict, model: SourceOnly, streams: tuple[BatchStream, BatchStream], files: list[DataFile],
+                path: Path) -> None:
+    """Puts a checkpoint's networks, optimisers, batch-stream positions and random states back, after
+    refusing data files that changed since it was written."""
+    changed = [f.path for f in files if checkpoint["data_files"].get(Path(f.path).name) != f.md5]
+    if changed:
+        raise ResumeError(f"--resume: the dataset files changed since {path} was written ({', '.join(changed)}); "
+                          "restore them, or --overwrite to start afresh")
+    _load_networks(model, checkpoint, path)
+    missing = sorted(model.optimizers.keys() - checkpoint["optimizers"].keys())
+    if missing:
+        raise ResumeError(f"--resume: {path} holds no state for the optimiser(s) {missing}; --overwrite to start afresh")
+    for name, optimizer in model.optimizers.items():
+        load_optimizer(optimizer, checkpoint["optimizers"][name])
+    for stream, state in zip(streams, checkpoint["streams"]):
+        stream.load_state_dict(state)
+    restore_rng(checkpoint["rng"], model.device)
+
+
+def model_from_checkpoint(checkpoint: dict, device: torch.device, path: Path | None = None) -> SourceOnly:
+    """The trained method of a checkpoint, on `device`, for evaluation (eager, no CUDA graph, not compiled);
+    its class count is its heads' (the last matrix of F1)."""
+    known = {f.name for f in fields(Config)}
+    saved = {key: value for key, value in saved_config(checkpoint).items() if key in known}
+    config = replace(Config(**saved), device=str(device), cuda_graph=False, compile=False)
+    classes = [value for key, value in _saved_networks(checkpoint).items() if key.startswith("F1.") and value.ndim == 2]
+    model = ALGORITHMS[config.method](config, classes[-1].shape[0], device, 1)
+    _load_networks(model, checkpoint, path)
+    return model
+
+
+def checkpoint_data(checkpoint: dict, device: torch.device, data_root: str | None = None, download: bool = False,
+                    allow_unverified: bool = False) -> Digits:
+    """The datasets a checkpoint was trained on (its pair, its subsets), from its data root unless given."""
+    saved = saved_config(checkpoint)
+    return load_digits(data_root or saved["data_root"], download, allow_unverified or saved["allow_unverified_data"],
+                       device, saved.get("source", "svhn"), saved.get("target", "mnist"), saved["network"],
+                       saved.get("small_subsets", False), subset_seed=saved["seed"])

@@ -20,17 +20,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from datasets import DOMAINS
-from models import BATCHNORM_INITS
+from datasets import DOMAINS, FOLDER, default_network, domain
+from models import BATCHNORM_INITS, NETWORKS
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-DISCREPANCIES = ("l1", "swd")  # algorithms.MCD.discrepancy computes each
 PROTOCOLS = ("default", "original")
 GROUPS = ("run", "method", "data", "output", "speed")
-# The original code (mil-tokyo/MCD_DA) on SVHN -> MNIST: an epoch ends at the first incomplete batch of
-# its 55,000 MNIST images (55,000 // 128 = 429 iterations) and training stops once 20,000 iterations
-# are counted, i.e. after 47 epochs = 20,163 iterations.
-ORIGINAL_SVHN_SCHEDULE = {"epochs": 47, "iters_per_epoch": 429}
 # numpy takes seeds below 2**32 and the batch streams use 2 * seed + 1: this keeps every one valid.
 MAX_SEED = 2**31 - 1
 
@@ -81,6 +76,19 @@ def seed_number(text: str) -> int:
     return value
 
 
+def dataset_name(text: str) -> str:
+    """A dataset of datasets.DOMAINS, or folder:DIR (an existing folder, made absolute so that the run's
+    record and checkpoint name it wherever they are read)."""
+    if text in DOMAINS:
+        return text
+    if text.startswith(FOLDER) and len(text) > len(FOLDER):
+        folder = os.path.abspath(text[len(FOLDER):])
+        if not os.path.isdir(folder):
+            raise argparse.ArgumentTypeError(f"{text}: no such folder (a subfolder of images per class belongs there)")
+        return FOLDER + folder
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(DOMAINS)}, or folder:DIR)")
+
+
 def switch(text: str) -> bool | None:
     """on / off / auto -> True / False / None (None: resolve() decides for the device)."""
     choices = {"on": True, "off": False, "auto": None}
@@ -126,17 +134,22 @@ class Config:
     weight_decay: float = setting(5e-4, "Adam weight decay (L2)", "method", result=True, parse=non_negative_float)
     num_k: int = setting(4, "generator updates (step C) per iteration", "method", result=True, parse=positive_int)
     discrepancy: str = setting("l1", "l1: the paper's mean |p1 - p2|; swd: sliced Wasserstein discrepancy (Lee et "
-                               "al., CVPR 2019)", "method", result=True, choices=DISCREPANCIES)
+                               "al., CVPR 2019)", "method", result=True)  # its choices: algorithms.DISCREPANCIES
     swd_projections: int = setting(128, "random unit directions per SWD evaluation (fresh each step)", "method",
                                    result=True, parse=positive_int)
     batchnorm_init: str = setting("ones", "BatchNorm scales at initialisation: ones (PyTorch >= 1.0) or uniform "
                                   "U(0, 1) as PyTorch 0.2", "method", result=True, choices=BATCHNORM_INITS,
                                   auto="ones; uniform with --protocol original")
     # data
-    source: str = setting("svhn", "labelled source dataset", "data", result=True, choices=DOMAINS)
-    target: str = setting("mnist", "unlabelled target dataset; MNIST <-> USPS use 28x28 grey images and the paper's "
-                          "LeNet-style network, synsig <-> gtsrb (traffic signs) 40x40 RGB and its own network",
-                          "data", result=True, choices=DOMAINS)
+    source: str = setting("svhn", f"labelled source dataset: one of {', '.join(DOMAINS)}, or folder:DIR (your own "
+                          "images, a subfolder per class; docs/your-data.md)", "data", result=True, parse=dataset_name)
+    target: str = setting("mnist", "unlabelled target dataset, as --source; its labels are read only for the test "
+                          "accuracy", "data", result=True, parse=dataset_name)
+    network: str | None = setting(None, "G, F1 and F2, and the image size and channels every image is brought to: "
+                                  "svhn2mnist 32x32 RGB, usps (LeNet-style) 28x28 grey, syn2gtrsb 40x40 RGB", "data",
+                                  result=True, choices=tuple(NETWORKS),
+                                  auto="the source's (MNIST <-> USPS: usps; SVHN: svhn2mnist; signs and folders as "
+                                       "their record says); the target's when only the target is in colour")
     small_subsets: bool = setting(False, "the paper's MNIST <-> USPS protocol: random 2,000 MNIST / 1,800 USPS "
                                   "training images (per seed)", "data", result=True)
     data_root: str = setting("./data", "holds svhn/*.mat, MNIST/raw/*, usps/*.bz2, gtsrb/ (torchvision's layout), "
@@ -165,9 +178,6 @@ class Config:
                             parse=switch, auto="off")
     channels_last: bool = setting(False, "NHWC images and convolution weights", "speed", parse=switch,
                                   auto="on for CUDA")
-    parallel_seeds: int = setting(1, "with --seeds: train K seeds side by side in one process, each exactly the run "
-                                  "it is alone (on CUDA unmeasured: not yet shown correct and faster on a GPU)",
-                                  "speed", parse=positive_int)
 
 
 def settings() -> list:
@@ -191,13 +201,13 @@ class SettingError(ValueError):
 def protocol_values(protocol: str, source: str, target: str) -> dict:
     """The settings a protocol fixes for a pair; flags given explicitly override them. 'original' is the
     original code's run as far as it can be reproduced (docs/differences.md): PyTorch 0.2's BatchNorm
-    init and fp32 everywhere, and for pairs with SVHN its schedule (the schedule of its MNIST <-> USPS
-    runs is not reproduced: those keep the default one)."""
+    init and fp32 everywhere, and the schedule a dataset's record gives (SVHN's; the schedule of its
+    MNIST <-> USPS runs is not reproduced: those keep the default one)."""
     if protocol == "default":
         return {}
     values = {"batchnorm_init": "uniform", "precision": "fp32"}
-    if "svhn" in (source, target):
-        values.update(ORIGINAL_SVHN_SCHEDULE)
+    for name in (source, target):
+        values.update(domain(name).original_schedule or {})
     return values
 
 
@@ -225,10 +235,12 @@ def resolve(given: dict[str, Any]) -> Config:
         values.setdefault(name, cuda and on_cuda)
     if values["cuda_graph"] and not cuda:
         raise SettingError(f"--cuda-graph on needs a CUDA device, not {device}; use --cuda-graph off or auto")
-    pair = (values.get("source", Config.source), values.get("target", Config.target))
-    if values.get("small_subsets") and not set(pair) <= {"mnist", "usps"}:
+    pair = (values.setdefault("source", Config.source), values.setdefault("target", Config.target))
+    values.setdefault("network", default_network(*pair))
+    subsets = [name for name in DOMAINS if DOMAINS[name].small_train_size]
+    if values.get("small_subsets") and not set(pair) <= set(subsets):
         raise SettingError(f"--small-subsets is the paper's MNIST <-> USPS protocol; {pair[0]} -> {pair[1]} uses "
-                           "whole training sets: leave it out, or choose --source/--target among mnist and usps")
+                           f"whole training sets: leave it out, or choose --source/--target among {' and '.join(subsets)}")
     if values.get("resume") and values.get("overwrite"):
         raise SettingError("argument --resume: not allowed with argument --overwrite (continue the run, or replace it)")
     return Config(**values)

@@ -7,9 +7,11 @@
     DATA_ROOT/gtsrb/GTSRB/Final_Test/Images/*.ppm, DATA_ROOT/gtsrb/GT-final_test.csv
     DATA_ROOT/synsig/synthetic_data/train_labelling.txt + images  Synthetic Signs (never downloaded)
 
-read_domain returns a dataset's train and test images as uint8 tensors with int64 labels, and the
-files they came from; what is wrong with a file is a DataError whose one line says what to do.
-Traffic signs are cropped to their region of interest (GTSRB) and resized to 40x40 RGB here, once.
+Per dataset, `missing_*(root)` names the absent downloadable files and `read_*(root, allow_unverified,
+size)` returns its train and test images as uint8 tensors with int64 labels, and the files they came
+from (datasets.DOMAINS puts each pair in the dataset's record); what is wrong with a file is a
+DataError whose one line says what to do. Sign images are decoded once, cropped to their region of
+interest (GTSRB) and resized to `size` x `size` RGB (the network's input).
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ GTSRB_ARCHIVES: dict[str, list[tuple[str, str, str]]] = {
              ("GTSRB_Final_Test_GT.zip", "fe31e9c9270bbcd7b84b7f21a9d9d9e5", "GT-final_test.csv")],
 }
 SIGN_CLASSES = 43  # GTSRB's classes; Synthetic Signs render the same ones
-SIGN_SIZE = 40  # pixels: the original code's input for the traffic signs
 SYNSIG_LIST = Path("synsig") / "synthetic_data" / "train_labelling.txt"
 SYNSIG_TEST_SIZE, SYNSIG_TEST_SEED = 2000, 0  # held out of training; a fifth of a set under 10,000 images
 
@@ -56,11 +57,12 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class DataFile:
-    """One file that was loaded, for the results record."""
+    """One file (or folder) that was loaded, for the results record."""
 
     path: str
     md5: str
     verified: bool  # byte-identical to the official release
+    note: str = ""  # how a test split was drawn from it, where the release has none
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,23 +160,40 @@ def _mnist_file(root: Path, stem: str, allow_unverified: bool) -> DataFile:
     return DataFile(str(path), md5, verified)
 
 
-def missing_files(root: Path, domains: tuple[str, ...]) -> list[str]:
-    """Each downloadable file of these domains that is absent, with where it comes from and where it belongs."""
-    missing = []
-    for domain, files in (("svhn", SVHN_FILES), ("usps", USPS_FILES)):
-        if domain in domains:
-            missing += [f"{root / domain / filename} (from {url})" for url, filename, _ in files.values()
-                        if not (root / domain / filename).exists()]
-    if "mnist" in domains:
-        for gz_name in MNIST_GZ_MD5:
-            gz = root / "MNIST" / "raw" / gz_name
-            if not gz.exists() and not gz.with_suffix("").exists():
-                missing.append(f"{gz} (from {MNIST_MIRRORS[0]}{gz_name})")
-    if "gtsrb" in domains:
-        missing += [f"{root / 'gtsrb' / name} (from {GTSRB_URL}{name}, extracted there)"
-                    for archives in GTSRB_ARCHIVES.values() for name, _, extracts in archives
-                    if not (root / "gtsrb" / extracts).exists() and not (root / "gtsrb" / name).exists()]
-    return missing
+def _missing_single_files(root: Path, folder: str, files: dict[str, tuple[str, str, str]]) -> list[str]:
+    return [f"{root / folder / filename} (from {url})" for url, filename, _ in files.values()
+            if not (root / folder / filename).exists()]
+
+
+def missing_svhn(root: Path) -> list[str]:
+    """Each absent SVHN file, with where it comes from and where it belongs (the same for each missing_*)."""
+    return _missing_single_files(root, "svhn", SVHN_FILES)
+
+
+def missing_usps(root: Path) -> list[str]:
+    return _missing_single_files(root, "usps", USPS_FILES)
+
+
+def missing_mnist(root: Path) -> list[str]:
+    raw = root / "MNIST" / "raw"
+    return [f"{raw / gz} (from {MNIST_MIRRORS[0]}{gz})" for gz in MNIST_GZ_MD5
+            if not (raw / gz).exists() and not (raw / gz).with_suffix("").exists()]
+
+
+def missing_gtsrb(root: Path) -> list[str]:
+    return [f"{root / 'gtsrb' / name} (from {GTSRB_URL}{name}, extracted there)"
+            for archives in GTSRB_ARCHIVES.values() for name, _, extracts in archives
+            if not (root / "gtsrb" / extracts).exists() and not (root / "gtsrb" / name).exists()]
+
+
+def missing_synsig(root: Path) -> list[str]:
+    """Synthetic Signs cannot be downloaded: what to do when they are not where they belong."""
+    if (root / SYNSIG_LIST).is_file():
+        return []
+    return [f"Synthetic Signs are not in {root / SYNSIG_LIST.parent}: this dataset (Moiseev et al. 2013, ~100,000 "
+            f"rendered traffic signs of GTSRB's 43 classes) cannot be downloaded from its original page; put its "
+            f"release there, {SYNSIG_LIST.name} (one line per image: '<image path relative to synthetic_data> "
+            "<class id 0..42> <third field>') with the images beside it (docs/table1.md#data)"]
 
 
 def _gtsrb_files(root: Path, split: str, allow_unverified: bool) -> list[DataFile]:
@@ -261,14 +280,14 @@ def _read_usps(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images), torch.from_numpy(labels - 1)
 
 
-
-def _sign_image(path: Path, box: tuple[int, int, int, int] | None, where: str) -> np.ndarray:
-    """(3, 40, 40) uint8 of one sign image: cropped to `box` (x1, y1, x2, y2; x2, y2 exclusive, PIL's
-    convention) when given, then resized to 40x40 with PIL's bilinear filter (antialiased when shrinking)."""
+def rgb_image(path: Path, box: tuple[int, int, int, int] | None, where: str, size: int,
+              fix: str = "restore it or delete the dataset to fetch it again") -> np.ndarray:
+    """(3, size, size) uint8 of one image file: cropped to `box` (x1, y1, x2, y2; x2, y2 exclusive, PIL's
+    convention) when given, then resized with PIL's bilinear filter (antialiased when shrinking)."""
     from PIL import Image, UnidentifiedImageError  # torchvision's own image library
 
     if not path.is_file():
-        raise DataError(f"{path}, listed in {where}, does not exist; restore it or delete the dataset to fetch it again")
+        raise DataError(f"{path}, listed in {where}, does not exist; {fix}")
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
@@ -277,11 +296,11 @@ def _sign_image(path: Path, box: tuple[int, int, int, int] | None, where: str) -
                 if not (0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height):
                     raise DataError(f"{where}: the region {box} is not inside the {image.width}x{image.height} image {path}")
                 image = image.crop(box)
-            if image.size != (SIGN_SIZE, SIGN_SIZE):
-                image = image.resize((SIGN_SIZE, SIGN_SIZE), Image.Resampling.BILINEAR)
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
     except (OSError, UnidentifiedImageError, SyntaxError) as error:
-        raise DataError(f"{path} is not a readable image ({error}); restore it or delete the dataset to fetch it again")
+        raise DataError(f"{path} is not a readable image ({error}); {fix}")
 
 
 def _sign_label(text: str, where: str) -> int:
@@ -294,15 +313,15 @@ def _sign_label(text: str, where: str) -> int:
     return label
 
 
-def _stack(pictures: list[np.ndarray]) -> np.ndarray:
-    """(N, 3, 40, 40) uint8 of the sign images read, N = 0 included (read_domain names the empty file)."""
-    return np.stack(pictures) if pictures else np.zeros((0, 3, SIGN_SIZE, SIGN_SIZE), np.uint8)
+def _stack(pictures: list[np.ndarray], size: int) -> np.ndarray:
+    """(N, 3, size, size) uint8 of the sign images read, N = 0 included (the reader names the empty file)."""
+    return np.stack(pictures) if pictures else np.zeros((0, 3, size, size), np.uint8)
 
 
 GTSRB_COLUMNS = ("Filename", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId")
 
 
-def _read_gtsrb_csv(path: Path, images: Path) -> tuple[list[np.ndarray], list[int]]:
+def _read_gtsrb_csv(path: Path, images: Path, size: int) -> tuple[list[np.ndarray], list[int]]:
     """A GTSRB annotation file (';'-separated: Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId):
     each image cropped to its region and resized, with its class."""
     if not path.is_file():
@@ -321,36 +340,28 @@ def _read_gtsrb_csv(path: Path, images: Path) -> tuple[list[np.ndarray], list[in
                 except (TypeError, ValueError):
                     raise DataError(f"{where}: the region of interest is not four whole numbers") from None
                 labels.append(_sign_label(row["ClassId"] or "", where))
-                pictures.append(_sign_image(images / row["Filename"], box, where))
+                pictures.append(rgb_image(images / row["Filename"], box, where, size))
     except UnicodeDecodeError:
         raise DataError(f"{path} is not a text file (not UTF-8); restore GTSRB's annotation file") from None
     return pictures, labels
 
 
-def _read_gtsrb(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 3, 40, 40) uint8 and (N,) labels of GTSRB's own split: 39,209 training, 12,630 test images."""
+def _read_gtsrb(root: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3, size, size) uint8 and (N,) labels of GTSRB's own split: 39,209 training, 12,630 test images."""
     base = root / "gtsrb"
     if split == "test":
-        pictures, labels = _read_gtsrb_csv(base / "GT-final_test.csv", base / "GTSRB" / "Final_Test" / "Images")
+        pictures, labels = _read_gtsrb_csv(base / "GT-final_test.csv", base / "GTSRB" / "Final_Test" / "Images", size)
     else:
         pictures, labels = [], []
         for folder in sorted(path for path in (base / "GTSRB" / "Training").iterdir() if path.is_dir()):
-            more, classes = _read_gtsrb_csv(folder / f"GT-{folder.name}.csv", folder)
+            more, classes = _read_gtsrb_csv(folder / f"GT-{folder.name}.csv", folder, size)
             pictures += more
             labels += classes
-    return _stack(pictures), np.array(labels, np.int64)
+    return _stack(pictures, size), np.array(labels, np.int64)
 
 
-def synsig_missing(root: Path) -> str:
-    """What to do when Synthetic Signs are not where they belong: they cannot be downloaded."""
-    return (f"Synthetic Signs are not in {root / SYNSIG_LIST.parent}: this dataset (Moiseev et al. 2013, ~100,000 "
-            f"rendered traffic signs of GTSRB's 43 classes) cannot be downloaded from its original page; put its "
-            f"release there, {SYNSIG_LIST.name} (one line per image: '<image path relative to synthetic_data> "
-            "<class id 0..42> <third field>') with the images beside it (docs/table1.md#data)")
-
-
-def _read_synsig(root: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """Every Synthetic Signs image as (N, 3, 40, 40) uint8, its labels, and an MD5 over the list and images."""
+def _read_synsig(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Every Synthetic Signs image as (N, 3, size, size) uint8, its labels, and an MD5 over the list and images."""
     listing = root / SYNSIG_LIST
     digest, pictures, labels = hashlib.md5(), [], []
     try:
@@ -364,16 +375,15 @@ def _read_synsig(root: Path) -> tuple[np.ndarray, np.ndarray, str]:
         if len(fields) != 3:
             raise DataError(f"{where}: expected '<image path> <class id> <third field>', found {line.strip()!r}")
         labels.append(_sign_label(fields[1], where))
-        pictures.append(_sign_image(listing.parent / fields[0], None, where))
+        pictures.append(rgb_image(listing.parent / fields[0], None, where, size))
         digest.update(line.encode() + pictures[-1].tobytes())
-    return _stack(pictures), np.array(labels, np.int64), digest.hexdigest()
+    return _stack(pictures, size), np.array(labels, np.int64), digest.hexdigest()
 
 
-def _held_out(count: int) -> np.ndarray:
-    """A boolean mask of the Synthetic Signs test images: the same seeded draw for every run."""
-    size = SYNSIG_TEST_SIZE if count >= 10_000 else count // 5
+def held_out(count: int, size: int, seed: int) -> np.ndarray:
+    """A boolean mask of `size` test images among `count`: the same seeded draw for every run."""
     mask = np.zeros(count, bool)
-    mask[np.random.default_rng(SYNSIG_TEST_SEED).permutation(count)[:size]] = True
+    mask[np.random.default_rng(seed).permutation(count)[:size]] = True
     return mask
 
 
@@ -384,37 +394,58 @@ def _tensors(images, labels) -> Split:
     return tuple(x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x)) for x in (images, labels))
 
 
-def read_domain(domain: str, root: Path, allow_unverified: bool) -> tuple[Split, Split, list[DataFile]]:
-    """(train, test, files) of one dataset as it is on disk (SVHN 32x32 RGB, MNIST 28x28 grey, USPS 16x16
-    grey, the signs 40x40 RGB), labels 0-based."""
-    if domain == "synsig":  # one set: a seeded part of it is held out as the source test set
-        images, labels, md5 = _read_synsig(root)
-        test = _held_out(len(labels))
-        if not test.any():
-            raise DataError(f"{root / SYNSIG_LIST} lists {len(labels)} images: too few to hold a test set out; "
-                            "give the whole release")
-        files = [DataFile(str(root / SYNSIG_LIST.parent), md5, False)]  # no published checksum to compare with
-        return _tensors(images[~test], labels[~test]), _tensors(images[test], labels[test]), files
+def read_synsig(root: Path, allow_unverified: bool, size: int) -> tuple[Split, Split, list[DataFile]]:
+    """One set: a seeded part of it (2,000 images, a fifth of a set under 10,000) is held out as the source test set."""
+    images, labels, md5 = _read_synsig(root, size)
+    test = held_out(len(labels), SYNSIG_TEST_SIZE if len(labels) >= 10_000 else len(labels) // 5, SYNSIG_TEST_SEED)
+    if not test.any():
+        raise DataError(f"{root / SYNSIG_LIST} lists {len(labels)} images: too few to hold a test set out; "
+                        "give the whole release")
+    note = f"{int(test.sum())} of {len(labels)} images held out as the test set (seed {SYNSIG_TEST_SEED})"
+    files = [DataFile(str(root / SYNSIG_LIST.parent), md5, False, note)]  # no published checksum to compare with
+    return _tensors(images[~test], labels[~test]), _tensors(images[test], labels[test]), files
+
+
+def _read_splits(read_split) -> tuple[Split, Split, list[DataFile]]:
+    """read_split("train" / "test") -> (images, labels, files): both splits, an empty one refused."""
     splits, files = [], []
     for split in ("train", "test"):
-        if domain == "svhn":
-            url, filename, expected = SVHN_FILES[split]
-            records = [_single_file(root / "svhn" / filename, url, expected, allow_unverified)]
-            images, labels = _read_svhn(records[0].path)
-        elif domain == "usps":
-            url, filename, expected = USPS_FILES[split]
-            records = [_single_file(root / "usps" / filename, url, expected, allow_unverified)]
-            images, labels = _read_usps(records[0].path)
-        elif domain == "gtsrb":
-            records = _gtsrb_files(root, split, allow_unverified)
-            images, labels = _read_gtsrb(root, split)
-        else:
-            prefix = "train" if split == "train" else "t10k"
-            records = [_mnist_file(root, f"{prefix}-{kind}", allow_unverified) for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
-            images, labels = _read_mnist(records[0].path, records[1].path)
-        files += records
+        images, labels, records = read_split(split)
         if len(labels) == 0:
             raise DataError(f"{records[0].path} holds no images; replace it with the official file "
                             "(delete it to download it again)")
+        files += records
         splits.append(_tensors(images, labels))
     return splits[0], splits[1], files
+
+
+def _one_file_per_split(folder: str, files: dict[str, tuple[str, str, str]], read_file):
+    """The reader of a dataset kept as one official file per split (SVHN's .mat, USPS's .bz2)."""
+    def read(root: Path, allow_unverified: bool, size: int) -> tuple[Split, Split, list[DataFile]]:
+        def split(name: str):
+            url, filename, expected = files[name]
+            record = _single_file(root / folder / filename, url, expected, allow_unverified)
+            return (*read_file(record.path), [record])
+        return _read_splits(split)
+    return read
+
+
+read_svhn = _one_file_per_split("svhn", SVHN_FILES, _read_svhn)  # 32x32 RGB (N, 3, 32, 32); label 10 = digit 0
+read_usps = _one_file_per_split("usps", USPS_FILES, _read_usps)  # 16x16 grey (N, 16, 16); labels 1..10 = 0..9
+
+
+def read_mnist(root: Path, allow_unverified: bool, size: int) -> tuple[Split, Split, list[DataFile]]:
+    """MNIST, 28x28 grey (N, 28, 28): 60,000 training and 10,000 test images."""
+    def split(name: str):
+        prefix = "train" if name == "train" else "t10k"
+        records = [_mnist_file(root, f"{prefix}-{kind}", allow_unverified) for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+        return (*_read_mnist(records[0].path, records[1].path), records)
+    return _read_splits(split)
+
+
+def read_gtsrb(root: Path, allow_unverified: bool, size: int) -> tuple[Split, Split, list[DataFile]]:
+    """GTSRB, each sign cropped to its region and resized to size x size RGB."""
+    def split(name: str):
+        records = _gtsrb_files(root, name, allow_unverified)
+        return (*_read_gtsrb(root, name, size), records)
+    return _read_splits(split)

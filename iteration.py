@@ -1,30 +1,40 @@
-"""One training iteration, fast and watched: the CUDA graph around update(), async host reads, checks.
+"""The fast path: the speed switches applied to a method, one training iteration (eager or a CUDA graph),
+and an epoch's losses watched without stalling the device.
 
-TrainStep gathers a batch on the device by index and calls the method's update(); with
+speed_up(method, config) applies what does not change the mathematics (beyond rounding) to a method
+built plainly: channels_last weights, torch.compile, and on CUDA the fused Adam kernel, capturable for
+graphs. TrainStep gathers a batch on the device by index and calls the method's update(); with
 config.cuda_graph it captures that whole iteration once and replays it (its docstring holds the rules
-update() keeps to for that). Reading a value from the GPU
-stalls it, so everything the loop shows or checks per iteration comes back without a wait: HostCopy
-(an asynchronous copy to pinned memory with an event), LiveLosses (running means for the progress
-bar) and NonFiniteWatch (the first iteration whose losses are NaN or infinite, kept on the device).
-
-Several seeds can train side by side in one process (--parallel-seeds): each run's turn happens inside
-its Lane, with its own random generators (SeedRandomness) and, on CUDA, its own stream, so that the
-runs' kernels and graph replays overlap on the GPU while each seed stays exactly the run it is alone.
+update() keeps to for that). Reading a value from the GPU stalls it, so EpochLosses sums the losses on
+the device and reads them back only through asynchronous copies (HostCopy) and once at the epoch's end.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 from algorithms import SourceOnly
-from checkpoint import restore_rng, rng_state
-from config import synchronize
-from datasets import DigitsSplit
+from config import Config, synchronize
+from datasets import DigitsSplit, to_model_input
+
+
+def speed_up(method: SourceOnly, config: Config) -> None:
+    """The run's speed switches, on a method fresh from its constructor (before any step or restore: the
+    optimisers create their state at the first step, in the form their flags then ask for)."""
+    if config.channels_last:  # NHWC convolution weights (the inputs follow in TrainStep.batch)
+        method.to(memory_format=torch.channels_last)
+    if config.compile:
+        for network in method.children():
+            network.compile()
+    if method.device.type == "cuda":
+        for optimizer in method.optimizers.values():
+            # The fused kernel: the same update in one launch. capturable keeps the step count on the device,
+            # so that a CUDA graph can replay the update. Both are Adam's own flags, per parameter group.
+            for group in [*optimizer.param_groups, optimizer.defaults]:
+                group.update(fused=True, foreach=None, capturable=config.cuda_graph)
 
 
 class HostCopy:
@@ -42,16 +52,29 @@ class HostCopy:
         return self.event is None or self.event.query()
 
 
-class LossTally:
-    """An epoch's loss sums (in the order of update()'s dict) and its first non-finite iteration, kept on
-    the device and updated in place by a few kernels after each iteration. reset() starts an epoch; one
-    host read at its end gives the means."""
+class NonFiniteLoss(Exception):
+    """A loss became NaN or infinite at `iteration` (1-based) of the epoch; training stops, keeping the
+    last good checkpoint."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, iteration: int):
+        super().__init__(f"non-finite loss at iteration {iteration}")
+        self.iteration = iteration
+
+
+class EpochLosses:
+    """An epoch's losses, summed on the device in the order of update()'s dict, with the first iteration
+    whose losses are not finite. Nothing waits for the device: on CUDA that iteration is read every `every`
+    steps through an asynchronous copy (every step on a CPU, where reading costs nothing), and the
+    progress bar shows running means once their copy has landed. means() reads the sums once, at the end."""
+
+    def __init__(self, device: torch.device, bar: tqdm | None = None, every: int = 25):
+        self.bar, self.cuda, self.every = bar, device.type == "cuda", every
         self.names: list[str] = []
         self.sums: torch.Tensor | None = None  # (losses,), created by the first add()
-        self.count = torch.zeros((), dtype=torch.long, device=device)  # iterations added this epoch
+        self.count = 0  # iterations added
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # -1: none yet
+        self.bad_copy: HostCopy | None = None
+        self.shown: tuple[int, HostCopy] | None = None  # (iterations summed, their sums on the way)
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         stacked = torch.stack(list(losses.values()))
@@ -61,44 +84,35 @@ class LossTally:
         bad = ~torch.isfinite(stacked).all()
         self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), self.count, self.first_bad))
         self.count += 1
+        if not self.cuda:
+            self._raise_if_bad(int(self.first_bad))
+        else:
+            if self.bad_copy is not None and self.bad_copy.ready():
+                self._raise_if_bad(int(self.bad_copy.host))
+                self.bad_copy = None
+            if self.bad_copy is None and (self.count - 1) % self.every == 0:
+                self.bad_copy = HostCopy(self.first_bad)
+        self._show()
 
-    def reset(self) -> None:
-        if self.sums is not None:
-            self.sums.zero_()
-        self.count.zero_()
-        self.first_bad.fill_(-1)
-
-    def means(self, iterations: int) -> dict[str, float]:
-        return dict(zip(self.names, (self.sums / iterations).tolist()))
-
-
-class LiveLosses:
-    """Running means on the progress bar without stalling the device: every few steps the sums are
-    copied to the host asynchronously, and shown once that copy has landed (checked, never waited on)."""
-
-    def __init__(self, bar: tqdm, every: int = 25):
-        self.bar, self.every = bar, every
-        self.pending: tuple[list[str], int, HostCopy] | None = None
-
-    def update(self, step: int, tally: LossTally) -> None:
-        if self.bar.disable or tally.sums is None:  # no terminal, no bar: nothing to copy
+    def _show(self) -> None:
+        if self.bar is None or self.bar.disable:  # no terminal, no bar: nothing to copy
             return
-        if self.pending is not None:
-            names, count, copy = self.pending
-            if copy.ready():
-                self.bar.set_postfix({n: f"{v / count:.4f}" for n, v in zip(names, copy.host.tolist())}, refresh=False)
-                self.pending = None
-        if step % self.every == 0 and self.pending is None:
-            self.pending = (tally.names, step + 1, HostCopy(tally.sums))
+        if self.shown is not None and self.shown[1].ready():
+            count, copy = self.shown
+            self.bar.set_postfix({n: f"{v / count:.4f}" for n, v in zip(self.names, copy.host.tolist())}, refresh=False)
+            self.shown = None
+        if self.shown is None and (self.count - 1) % self.every == 0:
+            self.shown = (self.count, HostCopy(self.sums))
 
+    @staticmethod
+    def _raise_if_bad(first_bad: int) -> None:
+        if first_bad >= 0:
+            raise NonFiniteLoss(first_bad + 1)
 
-class NonFiniteLoss(Exception):
-    """A loss became NaN or infinite at `iteration` (1-based) of the epoch; training stops, keeping the
-    last good checkpoint (train.py turns it into a RunStopped that names the run's files)."""
-
-    def __init__(self, iteration: int):
-        super().__init__(f"non-finite loss at iteration {iteration}")
-        self.iteration = iteration
+    def means(self) -> dict[str, float]:
+        """The epoch's mean of each loss (one host read); NonFiniteLoss if any iteration's was not finite."""
+        self._raise_if_bad(int(self.first_bad))
+        return dict(zip(self.names, (self.sums / self.count).tolist())) if self.count else {}
 
 
 def finite_weights(model: SourceOnly) -> bool:
@@ -109,38 +123,8 @@ def finite_weights(model: SourceOnly) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-class NonFiniteWatch:
-    """Stops at the first iteration whose losses are not finite (a LossTally's first_bad) without a host
-    sync per step: on CUDA the index is read every `every` steps through an asynchronous copy, and once
-    more, synchronously, at the end of the epoch; on a CPU, where reading costs nothing, every step."""
-
-    def __init__(self, tally: LossTally, every: int = 25):
-        self.tally = tally
-        self.cuda = tally.first_bad.device.type == "cuda"
-        self.every = every if self.cuda else 1
-        self.pending: HostCopy | None = None
-
-    def update(self, step: int) -> None:
-        if not self.cuda:
-            self._raise_if_bad(int(self.tally.first_bad))
-            return
-        if self.pending is not None and self.pending.ready():
-            self._raise_if_bad(int(self.pending.host))
-            self.pending = None
-        if step % self.every == 0 and self.pending is None:
-            self.pending = HostCopy(self.tally.first_bad)
-
-    def finish(self) -> None:
-        self._raise_if_bad(int(self.tally.first_bad))
-
-    @staticmethod
-    def _raise_if_bad(first_bad: int) -> None:
-        if first_bad >= 0:
-            raise NonFiniteLoss(first_bad + 1)
-
-
 class TrainStep:
-    """One training iteration from two (B,) index batches: gather the images on the device, model.update.
+    """One training iteration from two (B,) index batches: gather the images on the device, method.update.
 
     With config.cuda_graph the first WARMUP iterations run eagerly on a side stream (cuDNN autotuning,
     compilation, the optimisers' lazy state), the next is captured into a CUDA graph, and from then on an
@@ -152,120 +136,56 @@ class TrainStep:
     the device: no host reads (.item(), bool() or print of a tensor, .cpu()), no shapes or control flow
     that depend on tensor values, no new CPU tensors fed to the device; state that changes from one
     iteration to the next (step counters, schedules) lives in device tensors changed in place; random
-    draws only from torch's generators. The optimisers are built capturable (algorithms.SourceOnly.adam).
+    draws only from torch's generators. The optimisers are made capturable by speed_up.
     """
 
     WARMUP = 3
 
-    def __init__(self, model: SourceOnly, source: DigitsSplit, target: DigitsSplit):
-        self.model, self.source, self.target = model, source, target
-        self.tally = LossTally(model.device)
+    def __init__(self, method: SourceOnly, source: DigitsSplit, target: DigitsSplit, config: Config):
+        self.method, self.source, self.target = method, source, target
+        self.cuda_graph, self.channels_last = config.cuda_graph, config.channels_last
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_seconds = 0.0
-        if model.config.cuda_graph:
-            self.side_stream = torch.cuda.Stream(model.device)
+        if self.cuda_graph:
+            self.side_stream = torch.cuda.Stream(method.device)
 
-    def iteration(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        xs = self.model.inputs(self.source.images[s])  # (B, 3, 32, 32) in [-1, 1]
-        ys = self.source.labels[s]
-        xt = self.model.inputs(self.target.images[t])  # target labels are never used
-        return self.model.update(xs, ys, xt)
+    def batch(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(xs, ys, xt): images in [-1, 1] (B, C, H, W) in the weights' memory format, source labels (B,).
+        Target labels are never read."""
+        xs, xt = to_model_input(self.source.images[s]), to_model_input(self.target.images[t])
+        if self.channels_last:
+            xs, xt = xs.contiguous(memory_format=torch.channels_last), xt.contiguous(memory_format=torch.channels_last)
+        return xs, self.source.labels[s], xt
 
     def __call__(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One iteration; its losses are returned and added to self.tally."""
+        """One iteration; returns its on-device losses."""
         self.calls += 1
-        if not self.model.config.cuda_graph:
-            losses = self.iteration(s, t)
-        elif self.graph is None and self.calls <= self.WARMUP:
-            current = torch.cuda.current_stream(self.model.device)
+        if not self.cuda_graph:
+            return self.method.update(*self.batch(s, t))
+        if self.graph is None and self.calls <= self.WARMUP:
+            current = torch.cuda.current_stream(self.method.device)
             self.side_stream.wait_stream(current)
             with torch.cuda.stream(self.side_stream):
-                losses = self.iteration(s, t)
+                losses = self.method.update(*self.batch(s, t))
             current.wait_stream(self.side_stream)
-        else:
-            if self.graph is None:
-                self._capture(s, t)
-            self.static_s.copy_(s)
-            self.static_t.copy_(t)
-            self.graph.replay()
-            losses = self.static_losses
-        self.tally.add(losses)
-        return losses
+            return losses
+        if self.graph is None:
+            self._capture(s, t)
+        self.static_s.copy_(s)
+        self.static_t.copy_(t)
+        self.graph.replay()
+        return self.static_losses
 
     def _capture(self, s: torch.Tensor, t: torch.Tensor) -> None:
         """Record one iteration (capturing runs nothing: the replay that follows is this iteration)."""
         start = time.perf_counter()
         self.static_s, self.static_t = s.clone(), t.clone()
         graph = torch.cuda.CUDAGraph()
-        # stream: this step's own (each seed has one), not the capture stream torch.cuda.graph shares
-        # across the process. cuBLAS keeps a workspace per (handle, stream) and a graph bakes in the one
-        # it captured with, so graphs captured on one shared stream would share a workspace and seeds
-        # replaying concurrently could overwrite each other's split-K partial sums.
         # thread_local: the checkpoint writer thread waits on a CUDA event (CheckpointWriter._write); in
         # the default global mode such a call from another thread during the capture invalidates it.
         with torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"):
-            self.static_losses = self.iteration(self.static_s, self.static_t)
+            self.static_losses = self.method.update(*self.batch(self.static_s, self.static_t))
         self.graph = graph
-        synchronize(self.model.device)
+        synchronize(self.method.device)
         self.capture_seconds = time.perf_counter() - start
-
-
-class SeedRandomness:
-    """One seed's random generators while several seeds share a process. Created right after the seed's
-    model is initialised (or restored), it takes the process's generators as they are then; inside
-    active() they are this seed's again, and on leaving, where they got to is kept for next time. So
-    every dropout mask and SWD direction of a seed is drawn from its own sequence, in the order it
-    would be drawn alone, whatever the other seeds do in between.
-
-    On CUDA the seed gets its own Philox state object (Generator.clone_state) which the default
-    generator points to inside active() (graphsafe_set_state): a CUDA graph captured there registers
-    that state, so every replay advances this seed's offset only, even with other seeds' graphs
-    replaying concurrently on other streams."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda_state: torch.Generator | None = None
-        if device.type == "cuda":
-            self.cuda_state = self._cuda_generator().clone_state()
-        self.state = rng_state(device)
-
-    def _cuda_generator(self) -> torch.Generator:
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        return torch.cuda.default_generators[index]
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        previous = None
-        if self.cuda_state is not None:
-            generator = self._cuda_generator()
-            previous = generator.graphsafe_get_state()
-            generator.graphsafe_set_state(self.cuda_state)
-        restore_rng(self.state, self.device)
-        try:
-            yield
-        finally:
-            self.state = rng_state(self.device)
-            if previous is not None:
-                self._cuda_generator().graphsafe_set_state(previous)
-
-
-class Lane:
-    """Where one run's turn happens when it shares the process with other seeds: inside active(), its own
-    random generators and, on CUDA, a stream of its own. Alone (`randomness` None) active() changes
-    nothing, so a single run is exactly what it always was."""
-
-    def __init__(self, device: torch.device, randomness: SeedRandomness | None = None):
-        self.device, self.randomness = device, randomness
-        self.cuda_stream = torch.cuda.Stream(device) if randomness is not None and device.type == "cuda" else None
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            if self.randomness is not None:
-                stack.enter_context(self.randomness.active())
-            if self.cuda_stream is not None:
-                # after whatever the process queued before (evaluation reads the weights this run updates)
-                self.cuda_stream.wait_stream(torch.cuda.current_stream(self.device))
-                stack.enter_context(torch.cuda.stream(self.cuda_stream))
-            yield

@@ -10,12 +10,12 @@ import argparse
 import shlex
 import sys
 import traceback
-from dataclasses import Field, replace
+from dataclasses import Field
 from pathlib import Path
 
 import torch
 
-from algorithms import METHODS
+from algorithms import DISCREPANCIES, METHODS
 from checkpoint import ResumeError, checkpoint_path
 from config import GROUPS, MAX_SEED, Config, SettingError, resolve, settings, switch
 from datasets import DataError
@@ -58,7 +58,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 # Choices that live with the code that implements them.
-CHOICES_FROM_CODE = {"method": METHODS}
+CHOICES_FROM_CODE = {"method": METHODS, "discrepancy": tuple(DISCREPANCIES)}
 
 
 def flag_name(setting: Field) -> str:
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.resolve() knows exactly which were given."""
     parser = OneLineErrors(prog="main.py", argument_default=argparse.SUPPRESS, allow_abbrev=False,
                            description="Maximum Classifier Discrepancy (CVPR 2018) domain adaptation: SVHN -> MNIST, "
-                                       "MNIST <-> USPS (docs/settings.md lists every flag).")
+                                       "MNIST <-> USPS, traffic signs, your own image folders (docs/settings.md lists "
+                                       "every flag).")
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for setting in settings():
         meta = setting.metadata
@@ -95,8 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups["run"].add_argument("--seeds", type=seed_range, nargs="+", default=None, metavar="SEED",
                                help="run once per seed (e.g. 1 2 3, or 1-5), each to CSV_seedN.csv, then write "
                                     "CSV_summary.csv with mean ± std of the last epoch; overrides --seed. One seed "
-                                    "after another on every device (CUDA too, until seeds side by side are "
-                                    "measured there: see --parallel-seeds)")
+                                    "after another (several on one GPU: sweep.py --jobs-per-gpu)")
     groups["run"].add_argument("--debug", action="store_true", default=False,
                                help="print the traceback behind an error message")
     groups["output"].add_argument("--evaluate", metavar="CHECKPOINT", type=Path, default=None,
@@ -117,13 +117,10 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> C
     seeds = seed_list(args)
     if args.evaluate and (seeds or "resume" in given or "overwrite" in given):
         parser.error("--evaluate scores one checkpoint and trains nothing: leave out --seeds, --resume and --overwrite")
-    if "parallel_seeds" in given and not seeds:
-        parser.error("--parallel-seeds needs --seeds (it says how many of them train side by side)")
     try:
-        config = resolve(given)
-    except SettingError as error:
+        return resolve(given)
+    except (SettingError, DataError) as error:
         parser.error(str(error))
-    return replace(config, parallel_seeds=min(config.parallel_seeds, len(seeds or [config.seed])))
 
 
 def flag_table() -> str:
@@ -142,6 +139,7 @@ def flag_table() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     config = build_config(args, parser)
@@ -151,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_checkpoint(args.evaluate, torch.device(config.device), getattr(args, "data_root", None),
                                 config.download, config.allow_unverified_data, config.eval_batch_size)
         elif seeds:
-            run_seeds(config, seeds)
+            run_seeds(config, seeds, ["main.py", *argv])
         else:
-            train(config)
+            train(config, ["main.py", *argv])
     except (DataError, OutputError, ResumeError) as error:
         return _fail(f"error: {error}", 2, args.debug)
     except RunStopped as stopped:
@@ -183,9 +181,9 @@ def _saved(csv: str, epochs: int) -> str:
     return f"{csv} and its checkpoint {checkpoint_path(Path(csv))} hold epochs 1-{epochs}."
 
 
-def _command(argv: list[str] | None, flag: str) -> str:
+def _command(argv: list[str], flag: str) -> str:
     """This run's command line with --resume or --overwrite (not both: they exclude each other)."""
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
+    args = [a for a in argv if a not in ("--overwrite", "--resume")]
     return shlex.join(["python", "main.py", *args, flag])
 
 

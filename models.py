@@ -1,10 +1,11 @@
-"""The paper's networks: a feature generator G and two classifier heads F1, F2.
+"""The paper's networks: a feature generator G and two classifier heads F1, F2, in one table (NETWORKS).
 
-- "svhn2mnist" (32x32 RGB, any pair with SVHN): the original code's model of that name.
-- "usps" (28x28 grey, MNIST <-> USPS): the original code's smaller LeNet-style model of that name.
-- "syn2gtrsb" (40x40 RGB, Synthetic Signs <-> GTSRB, 43 classes): the original code's model of that name.
-All without the layers the original defined but never used. Default PyTorch initialisation; F1 and
-F2 differ only by their random init.
+- "svhn2mnist" (32x32 RGB): the original code's model of that name, for SVHN <-> MNIST.
+- "usps" (28x28 grey): the original code's smaller LeNet-style model of that name, for MNIST <-> USPS.
+- "syn2gtrsb" (40x40 RGB): the original code's model of that name, for Synthetic Signs -> GTSRB.
+All without the layers the original defined but never used. Each network says what it takes (its input
+channels and size: every image of a run is brought to it) and gives (G's feature size; the heads are
+built for the run's class count). Default PyTorch initialisation; F1 and F2 differ only by their init.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from datasets import SIGN_CLASSES, SIGNS
+from dataclasses import dataclass
 
-FEATURE_DIM = 3072
-NUM_CLASSES = 10  # digits; the traffic signs have SIGN_CLASSES (43)
 BATCHNORM_INITS = ("ones", "uniform")
 
 
@@ -33,6 +32,8 @@ def _conv_block(in_channels: int, out_channels: int, pool: bool) -> list[nn.Modu
 class Generator(nn.Module):
     """G: (B, 3, 32, 32) images in [-1, 1] -> (B, 3072) features."""
 
+    features = 3072
+
     def __init__(self, dropout: float = 0.5):
         super().__init__()
         self.conv = nn.Sequential(
@@ -42,8 +43,8 @@ class Generator(nn.Module):
             nn.Flatten(),  # -> (B, 8192)
         )
         self.fc = nn.Sequential(
-            nn.Linear(128 * 8 * 8, FEATURE_DIM),
-            nn.BatchNorm1d(FEATURE_DIM),
+            nn.Linear(128 * 8 * 8, self.features),
+            nn.BatchNorm1d(self.features),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),  # active in training only: a fresh mask on every forward pass
         )
@@ -53,15 +54,16 @@ class Generator(nn.Module):
 
 
 class Classifier(nn.Module):
-    """F1 / F2: (B, 3072) features -> (B, 10) logits."""
+    """F1 / F2: (B, 3072) features -> (B, classes) logits (10 digits in the paper)."""
 
-    def __init__(self):
+    def __init__(self, classes: int = 10):
         super().__init__()
+        self.classes = classes
         self.net = nn.Sequential(
-            nn.Linear(FEATURE_DIM, 2048),
+            nn.Linear(Generator.features, 2048),
             nn.BatchNorm1d(2048),
             nn.ReLU(inplace=True),
-            nn.Linear(2048, NUM_CLASSES),
+            nn.Linear(2048, classes),
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -70,6 +72,8 @@ class Classifier(nn.Module):
 
 class LeNetGenerator(nn.Module):
     """G of the MNIST <-> USPS setup: (B, 1, 28, 28) in [-1, 1] -> (B, 768) features."""
+
+    features = 48 * 4 * 4
 
     def __init__(self):
         super().__init__()
@@ -90,13 +94,14 @@ class LeNetGenerator(nn.Module):
 
 
 class LeNetClassifier(nn.Module):
-    """F1 / F2 of the MNIST <-> USPS setup: (B, 768) -> (B, 10), dropout 0.5 before each fc (training only)."""
+    """F1 / F2 of the MNIST <-> USPS setup: (B, 768) -> (B, classes), dropout 0.5 before each fc (training only)."""
 
-    def __init__(self, dropout: float = 0.5):
+    def __init__(self, classes: int = 10, dropout: float = 0.5):
         super().__init__()
+        self.classes = classes
         self.net = nn.Sequential(
             nn.Dropout(dropout),
-            nn.Linear(48 * 4 * 4, 100),
+            nn.Linear(LeNetGenerator.features, 100),
             nn.BatchNorm1d(100),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
@@ -104,7 +109,7 @@ class LeNetClassifier(nn.Module):
             nn.BatchNorm1d(100),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(100, NUM_CLASSES),
+            nn.Linear(100, classes),
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -113,6 +118,8 @@ class LeNetClassifier(nn.Module):
 
 class SignsGenerator(nn.Module):
     """G of the traffic signs: (B, 3, 40, 40) in [-1, 1] -> (B, 6400) features."""
+
+    features = 256 * 5 * 5
 
     def __init__(self):
         super().__init__()
@@ -137,42 +144,49 @@ class SignsGenerator(nn.Module):
 
 
 class SignsClassifier(nn.Module):
-    """F1 / F2 of the traffic signs: (B, 6400) -> (B, 43), dropout 0.5 before the last fc (training only)."""
+    """F1 / F2 of the traffic signs: (B, 6400) -> (B, classes), 43 in GTSRB; dropout 0.5 before the last fc
+    (training only)."""
 
-    def __init__(self, dropout: float = 0.5):
+    def __init__(self, classes: int = 43, dropout: float = 0.5):
         super().__init__()
+        self.classes = classes
         self.net = nn.Sequential(
-            nn.Linear(256 * 5 * 5, 512),
+            nn.Linear(SignsGenerator.features, 512),
             nn.BatchNorm1d(512),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(512, SIGN_CLASSES),
+            nn.Linear(512, classes),
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)
 
 
-ARCHITECTURES = {"svhn2mnist": (Generator, Classifier), "usps": (LeNetGenerator, LeNetClassifier),
-                 "syn2gtrsb": (SignsGenerator, SignsClassifier)}
+@dataclass(frozen=True)
+class Network:
+    """A generator and its heads, and the images G takes: `channels` x `size` x `size`."""
+
+    generator: type[nn.Module]
+    classifier: type[nn.Module]
+    channels: int
+    size: int
 
 
-def architecture_for(source: str, target: str) -> str:
-    """The original code's choice: the signs network for Synthetic Signs <-> GTSRB, the SVHN network for any
-    pair with SVHN, the LeNet-style one for MNIST <-> USPS."""
-    if {source, target} & set(SIGNS):
-        return "syn2gtrsb"
-    return "svhn2mnist" if "svhn" in (source, target) else "usps"
+NETWORKS = {  # --network NAME; a dataset's record names its default (dataset_files.DOMAINS)
+    "svhn2mnist": Network(Generator, Classifier, channels=3, size=32),
+    "usps": Network(LeNetGenerator, LeNetClassifier, channels=1, size=28),
+    "syn2gtrsb": Network(SignsGenerator, SignsClassifier, channels=3, size=40),
+}
 
 
-def build_models(device: torch.device, architecture: str = "svhn2mnist", batchnorm_init: str = "ones"
+def build_models(device: torch.device, network: str = "svhn2mnist", classes: int = 10, batchnorm_init: str = "ones"
                  ) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """G, F1, F2 on the device, initialised from the current torch seed. batchnorm_init "uniform" redraws
-    every BatchNorm scale from U(0, 1) (shift 0) as PyTorch 0.2 did, which the original code ran on;
-    PyTorch >= 1.0 starts at 1. The redraw comes after the default init, so every other weight is the
-    same as with "ones" for the same seed: the two differ in the BatchNorm scales alone."""
-    generator, classifier = ARCHITECTURES[architecture]
-    models = generator().to(device), classifier().to(device), classifier().to(device)
+    """G, F1, F2 of NETWORKS[network] for `classes` classes, on the device, initialised from the current torch
+    seed. batchnorm_init "uniform" redraws every BatchNorm scale from U(0, 1) (shift 0) as PyTorch 0.2 did,
+    which the original code ran on; PyTorch >= 1.0 starts at 1. The redraw comes after the default init, so
+    every other weight is the same as with "ones" for the same seed: the two differ in the BatchNorm scales alone."""
+    spec = NETWORKS[network]
+    models = spec.generator().to(device), spec.classifier(classes).to(device), spec.classifier(classes).to(device)
     if batchnorm_init == "uniform":
         for module in (m for model in models for m in model.modules()):
             if isinstance(module, nn.modules.batchnorm._BatchNorm):

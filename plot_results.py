@@ -28,12 +28,14 @@ from figures import save_figure  # noqa: E402  (the atomic PNG writer, shared wi
 
 # column -> legend text; colour marks the metric, line style marks the file (or the group of seeds)
 CURVES = {"source_acc": "source test", "target_acc_ensemble": "target test (ensemble)"}
-LOSSES = {"loss_source": "source CE (step A)", "discrepancy_b": "d in step B", "discrepancy_c": "d in step C"}
+# A method's loss columns are whatever its CSV holds between the progress columns and the accuracies
+# (results.csv_columns): every one is drawn, by its own name, in these colours in turn.
+PROGRESS = ("epoch", "iterations", "seconds")
+LOSS_COLOURS = ("tab:green", "tab:purple", "tab:orange", "tab:olive", "tab:brown", "tab:pink")
 # the label-free validators' columns (validators.py: that module imports torch, this one must not)
 VALIDATORS = {"val_entropy": ("mean entropy", "lower"), "val_im": ("information maximisation", "higher"),
               "val_snd": ("SND", "higher"), "val_bnm": ("BNM", "higher"), "val_d": ("d(F1, F2)", "lower")}
 COLOURS = {"source_acc": "tab:blue", "target_acc_ensemble": "tab:red",
-           "loss_source": "tab:green", "discrepancy_b": "tab:purple", "discrepancy_c": "tab:orange",
            "val_entropy": "tab:brown", "val_im": "tab:pink", "val_snd": "tab:olive", "val_bnm": "tab:cyan",
            "val_d": "tab:gray"}
 LINE_STYLES = ("-", "--", ":", "-.")
@@ -46,7 +48,8 @@ class PlotError(Exception):
 
 
 def read_results(path: Path) -> dict[str, list[float]]:
-    """The required columns of a results CSV as lists of floats, one entry per epoch."""
+    """The columns of a results CSV that are drawn (required, losses, validators) as lists of floats, one
+    entry per epoch, in the file's order."""
     if not path.is_file():
         raise PlotError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     try:
@@ -64,7 +67,8 @@ def _read_columns(path: Path) -> dict[str, list[float]]:
         if missing:
             raise PlotError(f"{path}: not a results CSV from main.py (missing columns: {', '.join(missing)})")
         columns: dict[str, list[float]] = {c: [] for c in REQUIRED}
-        optional = [c for c in (*LOSSES, *VALIDATORS) if c in reader.fieldnames]
+        losses = [c for c in reader.fieldnames[:reader.fieldnames.index("source_acc")] if c not in PROGRESS]
+        optional = losses + [c for c in VALIDATORS if c in reader.fieldnames]
         columns.update({c: [] for c in optional})
         for row in reader:
             for column in optional:  # empty for source-only runs (no discrepancy), older CSVs: not drawn
@@ -109,23 +113,31 @@ def _shown(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _draw(axes, runs: list[dict[str, list[float]]], column: str, style: str, label: str) -> None:
+def loss_columns(runs: list[dict[str, list[float]]]) -> list[str]:
+    """The loss columns of these runs' CSVs, in the order they first appear."""
+    known = {*PROGRESS, *CURVES, *VALIDATORS, "target_acc_f1", "target_acc_f2"}
+    return list(dict.fromkeys(column for run in runs for column in run if column not in known))
+
+
+def _draw(axes, runs: list[dict[str, list[float]]], column: str, style: str, label: str, colour: str | None = None
+          ) -> None:
     """One run as a line; several seeds as their mean with a ±1 std band over the epochs all reached."""
     if any(column not in run or all(math.isnan(v) for v in run[column]) for run in runs):
         return
+    colour = colour or COLOURS[column]
     epochs = min(len(run["epoch"]) for run in runs)
     x = runs[0]["epoch"][:epochs]
     if len(runs) == 1:
-        axes.plot(x, runs[0][column], style, color=COLOURS[column], label=label)
+        axes.plot(x, runs[0][column], style, color=colour, label=label)
         return
     values = [[run[column][i] for run in runs] for i in range(epochs)]
     # An epoch where a seed's value is not finite (inf, nan) has no mean: a gap in the line and band.
     finite = [all(math.isfinite(x) for x in v) for v in values]
     mean = [statistics.fmean(v) if ok else math.nan for v, ok in zip(values, finite)]
     std = [statistics.stdev(v) if ok else math.nan for v, ok in zip(values, finite)]
-    axes.plot(x, mean, style, color=COLOURS[column], label=f"{label}, mean ± std")
+    axes.plot(x, mean, style, color=colour, label=f"{label}, mean ± std")
     axes.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                      color=COLOURS[column], alpha=0.2, linewidth=0)
+                      color=colour, alpha=0.2, linewidth=0)
 
 
 def _scaled(values: list[float], lower_is_better: bool) -> list[float]:
@@ -142,13 +154,14 @@ def plot(paths: list[Path], out: Path, validators: bool = False) -> None:
     results = [read_results(p) for p in paths]  # read all first: a bad file stops before drawing
     figure, panels = plt.subplots(3 if validators else 2, 1, figsize=(8, 11.5 if validators else 8), sharex=True)
     accuracy, losses = panels[:2]
+    loss_colours = {column: LOSS_COLOURS[i % len(LOSS_COLOURS)] for i, column in enumerate(loss_columns(results))}
     for index, (label, members) in enumerate(_groups(paths)):
         style = LINE_STYLES[index % len(LINE_STYLES)]
         runs = [results[i] for i in members]
         for column, text in CURVES.items():
             _draw(accuracy, runs, column, style, f"{label}: {text}")
-        for column, text in LOSSES.items():
-            _draw(losses, runs, column, style, f"{label}: {text}")
+        for column, colour in loss_colours.items():
+            _draw(losses, runs, column, style, f"{label}: {column}", colour)
         if validators:  # each run scaled on its own, then drawn as one line or the seeds' mean ± std
             scales = {**{column: direction == "lower" for column, (_, direction) in VALIDATORS.items()},
                       "target_acc_ensemble": False}
@@ -161,7 +174,7 @@ def plot(paths: list[Path], out: Path, validators: bool = False) -> None:
     accuracy.set_title("test accuracy per epoch")
     losses.set_ylabel("epoch mean (log scale)")
     losses.set_yscale("log")
-    losses.set_title("training losses and discrepancy")
+    losses.set_title("training losses (the method's CSV columns)")
     if validators:
         panels[2].set_ylabel("scaled to its range (1 = best)")
         panels[2].set_title("label-free validators and target accuracy (target labels: reference only)")

@@ -19,9 +19,12 @@ import csv
 import errno
 import io
 import json
+import hashlib
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -170,10 +173,55 @@ class ResultsWriter:
         self.file.close()
 
 
-def run_record(config: Config, files: list[DataFile], device: torch.device, iterations: int) -> dict:
-    """What results.json holds besides the rows: how to reproduce the run and what it ran on."""
+PROJECT = Path(__file__).resolve().parent
+
+
+def code_version() -> dict:
+    """The code that runs: in a git checkout its commit and whether tracked files differ from it (dirty),
+    else a SHA-256 over the project's *.py files (names and contents)."""
+    try:
+        git = ["git", "-C", str(PROJECT)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20)
+        if commit.returncode == 0:
+            changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                     text=True, timeout=20)
+            return {"git_commit": commit.stdout.strip(), "dirty": changed.returncode != 0 or bool(changed.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):  # no git here
+        pass
+    digest = hashlib.sha256()
+    for path in sorted(PROJECT.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return {"files_sha256": digest.hexdigest()}
+
+
+def provenance(command: list[str]) -> dict:
+    """How a run was made: its command line (as a shell would take it) and the code's version."""
+    return {"command": shlex.join(command), "code": code_version()}
+
+
+def provenance_changes(saved: dict | None, current: dict) -> str | None:
+    """One line for a resumed run whose command line (--resume and --overwrite aside) or code version
+    differs from what made its checkpoint; None when both are the same or the checkpoint predates them."""
+    if not saved:
+        return None
+    def bare(command: str) -> list[str]:
+        return [token for token in shlex.split(command) if token not in ("--resume", "--overwrite")]
+    changes = []
+    if bare(saved["command"]) != bare(current["command"]):
+        changes.append(f"command line {saved['command']!r} -> {current['command']!r}")
+    if saved["code"] != current["code"]:
+        describe = lambda code: code.get("git_commit", code.get("files_sha256", "?"))[:12] + (  # noqa: E731
+            " (dirty)" if code.get("dirty") else "")
+        changes.append(f"code {describe(saved['code'])} -> {describe(current['code'])}")
+    return "note: this run continues with another " + "; another ".join(changes) if changes else None
+
+
+def run_record(config: Config, files: list[DataFile], device: torch.device, iterations: int, made_by: dict) -> dict:
+    """What results.json holds besides the rows: how to reproduce the run (its settings, command line and
+    code version) and what it ran on."""
     return {
         "config": asdict(config),
+        **made_by,
         # the protocol, and the values it set that this run uses (flags given explicitly override it)
         "protocol": {"name": config.protocol, "set": {key: value for key, value in
                                                       protocol_values(config.protocol, config.source, config.target).items()

@@ -1,14 +1,13 @@
-"""Run control: what lets a run stop at any moment and continue exactly, and never clobber another's files.
+"""Run control: one object (RunFiles) owns everything a run writes and reads back, so that a run can stop at
+any moment and continue exactly, and never clobber another's files.
 
+- RunFiles: around a whole run: checks its outputs, holds their lock, turns SIGINT/SIGTERM into a
+  clean stop, restores a checkpoint on --resume, writes each epoch's checkpoint then its CSV row (in
+  the background), the JSON record and TensorBoard scalars, and the run's last files;
 - check_output / check_seed_outputs: before any data is loaded, the results can be written where asked,
   no other run is writing them, and no earlier run's files would be replaced without --overwrite;
 - run_lock / lock_holder: one writer per output, an exclusive OS lock on STEM.lock beside the CSV;
-- CheckpointWriter: each epoch's checkpoint, then its CSV row, written on a background thread;
-- checkpoint_payload / check_resumable / restore_run: what a checkpoint holds, whether it can
-  continue this run, and putting its state back (checkpoint.py holds the file format itself);
-- model_from_checkpoint / checkpoint_data: a saved model and its data, for --evaluate and pictures;
-- SignalGuard / Interrupted: SIGINT and SIGTERM stop training with the last epoch intact;
-- RunStopped: a run that stopped before its end, with what the message needs.
+- SignalGuard / Interrupted / RunStopped: a signal, or a run that stopped before its end.
 """
 
 from __future__ import annotations
@@ -20,29 +19,21 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import filelock
-import torch
 
-from algorithms import ALGORITHMS, SourceOnly
-from checkpoint import (
-    FORMAT_VERSION,
-    ResumeError,
-    checkpoint_path,
-    config_differences,
-    load_checkpoint,
-    load_optimizer,
-    restore_rng,
-    rng_state,
-    save_checkpoint,
-)
+from algorithms import SourceOnly
+from checkpoint import (CheckpointWriter, check_resumable, checkpoint_path, checkpoint_payload,
+                        load_checkpoint, restore_run)
 from config import Config, result_settings
-from datasets import BatchStream, DataFile, Digits, load_digits
-from results import OutputError, ResultsWriter, record_path, summary_path, writing
+from datasets import BatchStream, DataFile, Digits
+from figures import picture_path, save_confusion
+from results import (OutputError, ResultsWriter, csv_columns, provenance, provenance_changes, record_path, run_record,
+                     selection_path, summary_path, write_rows, writing)
+import validators
 
 
 # The longest name written beside the CSV: --evaluate's record, as its temp file.
@@ -291,157 +282,127 @@ class SignalGuard:
         raise Interrupted(signum)
 
 
-class HostStaging:
-    """The host copy of a checkpoint's state, in buffers allocated once and reused every epoch (same
-    layout as the live tensors). On CUDA the buffers are pinned and filled by asynchronous copies, queued
-    on the training stream before the next epoch's updates, so training goes on at once; the writer
-    waits for the copies' event before it reads them. Elsewhere the copies are plain and immediate."""
-
-    def __init__(self):
-        self.buffers: dict[tuple, torch.Tensor] = {}  # by the tensor's place in the payload
-        self.on_cuda = False  # whether the last stage() copied from the GPU
-
-    def stage(self, payload: dict) -> tuple[dict, torch.cuda.Event | None]:
-        """(the payload with every tensor replaced by its host copy, the event that marks the copies done)."""
-        self.on_cuda = False
-        state = self._copy(payload, ())
-        event = None
-        if self.on_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        return state, event
-
-    def _copy(self, value, key: tuple):
-        if isinstance(value, torch.Tensor):
-            cuda = value.device.type == "cuda"
-            self.on_cuda |= cuda
-            buffer = self.buffers.get(key)
-            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype or buffer.stride() != value.stride():
-                buffer = self.buffers[key] = torch.empty_like(value, device="cpu", pin_memory=cuda)
-            return buffer.copy_(value.detach(), non_blocking=cuda)
-        if isinstance(value, dict):
-            return {name: self._copy(item, (*key, name)) for name, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._copy(item, (*key, index)) for index, item in enumerate(value))
-        return value
+def save_target_confusion(model: SourceOnly, data: Digits, out: Path, title: str, chunk_size: int) -> None:
+    """The ensemble's confusion matrix on the target test set as a PNG."""
+    predicted = model.predictions(data.target_test, chunk_size)[2].cpu().numpy()
+    with writing(out):
+        save_confusion(predicted, data.target_test.labels.cpu().numpy(), out, title, model.classes)
 
 
-class CheckpointWriter:
-    """Writes each epoch's checkpoint and then its CSV row on one background thread, so training goes on
-    while ~440 MB reach the disk. The state is copied to the host first (HostStaging, at the epoch
-    boundary); writes happen one at a time, in epoch order, and the next copy waits for the previous
-    write, whose buffers it reuses; close() waits for the last one, so an interrupted run still finishes
-    writing the epoch it had completed. Signals only ever reach the main thread, never a write in progress."""
+class RunFiles:
+    """Everything one run writes and reads back, used around the whole run (`with RunFiles(config) as run:`).
 
-    def __init__(self, path: Path, results: ResultsWriter):
-        self.path, self.results = path, results
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self.pending: Future | None = None
-        self.staging = HostStaging()
+    Entering checks the outputs, takes their lock, catches SIGINT/SIGTERM (as Interrupted) and, on
+    --resume, reads the checkpoint and refuses one that cannot continue this run. start() puts the
+    checkpoint back into the method and streams (or removes a stale one) and opens the writers: the CSV
+    (header plus the checkpoint's rows), results.json and, with --tensorboard, a TensorBoard run.
+    save_epoch() hands each epoch to the background writer: the checkpoint, then its CSV row. Leaving
+    waits for the last write, whatever happened, and turns a signal into RunStopped."""
 
-    def submit(self, payload: dict, row: dict) -> None:
-        self.wait()
-        intact = ("; the epochs before it are saved: free some space, then continue with --resume" if row["epoch"] > 1
-                  else "; no epoch was saved yet: free some space, then start again with --overwrite")
-        with writing(self.path, intact):  # the host copy can run out of memory
-            state, copied = self.staging.stage(payload)
-        self.pending = self.executor.submit(self._write, state, copied, row, intact)
+    def __init__(self, config: Config, command: list[str]):
+        check_output(config)
+        self.config, self.csv = config, Path(config.csv)
+        self.saved_path = checkpoint_path(self.csv)
+        self.made_by = provenance(command)
+        self.rows: list[dict] = []  # the checkpoint's on --resume, then one per epoch
+        self.checkpoint: dict | None = None
+        self.resumed_at: list[int] = []
+        self.writer: CheckpointWriter | None = None
+        self.board = None
+        self._held = contextlib.ExitStack()
 
-    def _write(self, payload: dict, copied: torch.cuda.Event | None, row: dict, intact: str) -> None:
-        if copied is not None:
-            copied.synchronize()
-        with writing(self.path, intact):
-            save_checkpoint(self.path, payload)
-        self.results.append(row, intact)
+    def __enter__(self) -> "RunFiles":
+        with contextlib.ExitStack() as entering:
+            entering.enter_context(run_lock(self.csv))
+            entering.enter_context(SignalGuard())
+            if self.config.resume:
+                self.checkpoint = load_checkpoint(self.saved_path)
+                check_resumable(self.checkpoint, self.config, self.saved_path)
+                self.rows = list(self.checkpoint["rows"])
+                self.resumed_at = self.checkpoint["resumed_at"] + [self.checkpoint["epoch"]]
+            if self.config.tensorboard:  # before any file of the run is written
+                self.board = self._tensorboard()
+            self._held = entering.pop_all()
+        return self
 
-    def wait(self) -> None:
-        if self.pending is not None:
-            future, self.pending = self.pending, None
-            future.result()  # re-raises a failed write here, on the training thread
+    @property
+    def epoch(self) -> int:
+        """Epochs finished (and saved, or being saved)."""
+        return self.rows[-1]["epoch"] if self.rows else 0
 
-    def close(self) -> None:
+    def start(self, method: SourceOnly, streams: tuple[BatchStream, BatchStream], files: list[DataFile],
+              iterations: int) -> None:
+        """--resume: the checkpoint's state into the method and streams; else no stale checkpoint stays.
+        Then the writers, which write the CSV's header (and the rows so far) and results.json."""
+        if self.checkpoint is not None:
+            restore_run(self.checkpoint, method, streams, files, self.saved_path)
+            note = provenance_changes(self.checkpoint.get("provenance"), self.made_by)
+            if note:
+                print(note)
+        else:
+            self.saved_path.unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
+        record = {**run_record(self.config, files, method.device, iterations, self.made_by),
+                  "resumed_at_epochs": self.resumed_at}
+        self.writer = CheckpointWriter(self.saved_path, ResultsWriter(self.config, record, self.rows, method.LOSSES))
+        if self.rows and self.epoch == self.config.epochs:
+            print(f"{self.csv} already holds all {self.config.epochs} epochs; raise --epochs to train further")
+
+    def save_epoch(self, row: dict, method: SourceOnly, streams: tuple[BatchStream, BatchStream],
+                   files: list[DataFile]) -> None:
+        """The epoch's checkpoint, then its CSV row, written in the background (the two always agree)."""
+        unknown = set(row) - set(csv_columns(method.LOSSES))
+        if unknown:  # never dropped silently
+            raise ValueError(f"{type(method).__name__}.update returned {sorted(unknown)}, which its LOSSES "
+                             f"{method.LOSSES} (the CSV's loss columns) do not name")
+        payload = checkpoint_payload(self.config, method, streams, files, self.rows + [row], self.resumed_at,
+                                     self.made_by)
+        self.writer.submit(payload, row)
+        self.rows.append(row)
+        if self.board is not None:
+            for name, value in row.items():
+                if name != "epoch" and value is not None:
+                    kind = ("loss" if name in method.LOSSES else "validator" if name in validators.COLUMNS
+                            else "accuracy" if "acc" in name else "progress")
+                    self.board.add_scalar(f"{kind}/{name}", value, row["epoch"])
+            self.board.flush()
+
+    def finish(self, method: SourceOnly, data: Digits) -> None:
+        """After the last epoch: the target confusion matrix, STEM_selection.csv (the epoch each validator
+        picks, validators.choose) and, with --tensorboard, the settings as hparams beside the last row."""
+        save_target_confusion(method, data, picture_path(self.saved_path, "confusion"),
+                              f"{self.config.method}, target test, ensemble", self.config.eval_batch_size)
+        write_rows(selection_path(self.csv), ["validator", "epoch", "target_acc_ensemble"], validators.choose(self.rows))
+        if self.board is not None:
+            settings = {name: getattr(self.config, name) for name in result_settings()}
+            self.board.add_hparams({name: value if isinstance(value, (int, float, str, bool)) else str(value)
+                                    for name, value in settings.items()},
+                                   {f"hparam/{name}": self.rows[-1][name] for name in ("source_acc", "target_acc_ensemble")},
+                                   run_name=".")
+
+    def stopped(self, cause: str, exit_code: int = 3, advice: str = "Lower --lr, or check the data.") -> RunStopped:
+        """This run stopped before its end: what to tell the user (its files, the epochs they hold)."""
+        return RunStopped(cause, self.config.csv, self.epoch, exit_code, advice)
+
+    def _tensorboard(self):
+        """A SummaryWriter in TENSORBOARD/STEM; resuming, TensorBoard drops whatever an earlier process
+        wrote after the checkpoint's epoch (purge_step), so no epoch appears twice."""
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard is imported only when asked for
+
+        folder = Path(self.config.tensorboard) / self.csv.stem
         try:
-            self.wait()
+            folder.mkdir(parents=True, exist_ok=True)
+            return SummaryWriter(str(folder), purge_step=self.epoch + 1 if self.rows else None)
+        except OSError as error:
+            raise OutputError(f"--tensorboard {self.config.tensorboard}: cannot write {folder} ({error.strerror}); "
+                              "choose another folder") from None
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.close()  # the epoch being written is finished, whatever happened
         finally:
-            self.executor.shutdown()
-            self.results.close()
-
-
-def checkpoint_payload(config: Config, model: SourceOnly, streams: tuple[BatchStream, BatchStream],
-                       files: list[DataFile], rows: list[dict], resumed_at: list[int]) -> dict:
-    """Everything train() needs to continue after rows[-1]['epoch'] exactly as if it had never stopped:
-    the method's whole state_dict (every network and buffer) and every optimiser, by name."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "config": asdict(config),
-        "epoch": rows[-1]["epoch"],
-        "rows": rows,
-        "resumed_at": resumed_at,
-        "models": model.state_dict(),
-        "optimizers": {name: optimizer.state_dict() for name, optimizer in model.optimizers.items()},
-        "streams": [stream.state_dict() for stream in streams],
-        "rng": rng_state(model.device),
-        "data_files": {Path(f.path).name: f.md5 for f in files},
-    }
-
-
-def _load_networks(model: SourceOnly, checkpoint: dict, path: Path | None) -> None:
-    """The saved state_dict into the method. Checkpoints written before methods saved their whole
-    state_dict hold one per network ({"G": {...}, "F1": ..., "F2": ...}): those are read as prefixes."""
-    saved = checkpoint["models"]
-    if all(isinstance(value, dict) for value in saved.values()):
-        saved = {f"{network}.{key}": value for network, state in saved.items() for key, value in state.items()}
-    expected = model.state_dict().keys()
-    missing, unexpected = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
-    if missing or unexpected:
-        raise ResumeError(f"{path or 'the checkpoint'} does not hold this method's networks (missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}); use the checkpoint of a {checkpoint['config']['method']} run")
-    model.load_state_dict(saved)
-
-
-def check_resumable(checkpoint: dict, config: Config, path: Path) -> None:
-    """Refuses a checkpoint that cannot continue this run (other result settings, or past --epochs)."""
-    differences = config_differences(checkpoint["config"], asdict(config), result_settings())
-    if differences:
-        raise ResumeError(f"--resume: {path} was made with other settings ({'; '.join(differences)}); "
-                          "use the same flags, or --overwrite to start afresh")
-    if checkpoint["epoch"] > config.epochs:
-        raise ResumeError(f"--resume: {path} is already at epoch {checkpoint['epoch']}, past --epochs {config.epochs}")
-
-
-def restore_run(checkpoint: dict, model: SourceOnly, streams: tuple[BatchStream, BatchStream], files: list[DataFile],
-                path: Path) -> None:
-    """Puts a checkpoint's networks, optimisers, batch-stream positions and random states back, after
-    refusing data files that changed since it was written."""
-    changed = [f.path for f in files if checkpoint["data_files"].get(Path(f.path).name) != f.md5]
-    if changed:
-        raise ResumeError(f"--resume: the dataset files changed since {path} was written ({', '.join(changed)}); "
-                          "restore them, or --overwrite to start afresh")
-    _load_networks(model, checkpoint, path)
-    missing = sorted(model.optimizers.keys() - checkpoint["optimizers"].keys())
-    if missing:
-        raise ResumeError(f"--resume: {path} holds no state for the optimiser(s) {missing}; --overwrite to start afresh")
-    for name, optimizer in model.optimizers.items():
-        load_optimizer(optimizer, checkpoint["optimizers"][name])
-    for stream, state in zip(streams, checkpoint["streams"]):
-        stream.load_state_dict(state)
-    restore_rng(checkpoint["rng"], model.device)
-
-
-def model_from_checkpoint(checkpoint: dict, device: torch.device, path: Path | None = None) -> SourceOnly:
-    """The trained method of a checkpoint, on `device`, for evaluation (eager, no CUDA graph, not compiled)."""
-    known = {f.name for f in fields(Config)}
-    saved = {key: value for key, value in checkpoint["config"].items() if key in known}
-    config = replace(Config(**saved), device=str(device), cuda_graph=False, compile=False)
-    model = ALGORITHMS[config.method](config, device, 1)
-    _load_networks(model, checkpoint, path)
-    return model
-
-
-def checkpoint_data(checkpoint: dict, device: torch.device, data_root: str | None = None, download: bool = False,
-                    allow_unverified: bool = False) -> Digits:
-    """The datasets a checkpoint was trained on (its pair, its subsets), from its data root unless given."""
-    saved = checkpoint["config"]
-    return load_digits(data_root or saved["data_root"], download, allow_unverified or saved["allow_unverified_data"],
-                       device, saved.get("source", "svhn"), saved.get("target", "mnist"),
-                       saved.get("small_subsets", False), subset_seed=saved["seed"])
+            if self.board is not None:
+                self.board.close()
+            self._held.close()  # the signal handlers, then the lock
+        if isinstance(error, Interrupted):
+            raise self.stopped(str(error), error.exit_code, advice="") from error

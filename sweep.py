@@ -8,8 +8,9 @@
 One job per (pair, method): a `main.py --seeds ... --resume` run into SWEEP_DIR/<pair>_<method>/ (log:
 main.log there). A job is its whole command (sweep.json, paths relative to the sweep folder): the same
 flags again continue it, more --epochs or seeds extend it, another result setting is refused; another
-grid adds its jobs beside. `local`: one worker per visible GPU, each taking the next job nobody has
-taken; Ctrl-C or SIGTERM to `launch --wait` stops workers and runs, each run keeping its checkpoint.
+grid adds its jobs beside. `local`: one worker per visible GPU (K with --jobs-per-gpu K), each taking the
+next job nobody has taken; Ctrl-C or SIGTERM to `launch --wait` stops workers and runs, each run keeping
+its checkpoint.
 `slurm`: one array job, one task per job.
 """
 
@@ -29,7 +30,7 @@ import torch
 
 from algorithms import METHODS
 from config import Config, non_negative_int, positive_float, positive_int, resolve, result_settings
-from datasets import pair_error
+from datasets import DOMAINS, pair_error
 from main import OneLineErrors, build_parser as main_parser, given_settings, seed_range
 from results import OutputError, atomic_text, read_selection, seed_csv, selection_path, write_table
 from run_control import lock_holder
@@ -291,9 +292,11 @@ def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int
         if job not in pending:
             (claims / job.name).touch()
     gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
+    # --jobs-per-gpu K: K workers per device, each with its own process (and CUDA context) on it
+    slots = [gpu for gpu in range(max(gpus, 1)) for _ in range(args.jobs_per_gpu)][:len(pending)]
     workers = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "_work", str(out.absolute()), launch_id,
                                  *([str(gpu)] if gpus else [])], cwd=ROOT, start_new_session=True)
-               for gpu in range(min(max(gpus, 1), len(pending)))]
+               for gpu in slots]
     print(f"started {len(workers)} worker(s): pids {', '.join(str(w.pid) for w in workers)}")
     if not args.wait:
         print(f"follow with: python sweep.py status {out}; stop with: kill {' '.join(str(w.pid) for w in workers)}")
@@ -370,6 +373,9 @@ def print_table(out: Path, validator: str | None = None) -> None:
 
 def _pair(text: str) -> str:
     source, _, target = text.partition(":")
+    if not {source, target} <= set(DOMAINS):
+        raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE:TARGET of {', '.join(DOMAINS)} (your own images: "
+                                         "main.py --source folder:DIR)")
     if pair_error(source, target):
         raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE:TARGET; {pair_error(source, target)}")
     return text
@@ -392,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--launcher", choices=("local", "slurm"), default="local")
     go.add_argument("--gpus", type=non_negative_int, default=None,
                     help="local: workers, one per GPU (default: all visible; 0: one on the CPU)")
+    go.add_argument("--jobs-per-gpu", type=positive_int, default=1, metavar="K",
+                    help="local: K jobs run at once on each GPU (or on the CPU with --gpus 0), each its own main.py "
+                         "process; whether K > 1 pays on a GPU is unmeasured (docs/speed.md)")
     go.add_argument("--wait", action="store_true", help="wait for every job, then print the table")
     go.add_argument("--time", type=positive_int, default=24 * 60, help="slurm: minutes a job may run")
     go.add_argument("--partition", default=None, help="slurm: the partition")

@@ -9,7 +9,7 @@ same for every run of a dataset), from the ensemble p = (p1 + p2) / 2 unless sta
     val_im       information maximisation: entropy of mean(p) - mean entropy   higher is better
     val_snd      soft neighbourhood density (Saito et al., ICCV 2021), tau 0.05 higher is better
     val_bnm      nuclear norm of p divided by N (Cui et al., CVPR 2020)         higher is better
-    val_d        MCD's discrepancy d = mean |p1 - p2|                           lower is better
+    val_d        the run's discrepancy d(F1, F2) (L1: mean |p1 - p2|)             lower is better
     source_acc   source test accuracy (a column already)                        higher is better
 
 DEV (You et al., ICML 2019) is not here: it needs labelled source images held out of training and a
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -62,19 +62,20 @@ def soft_neighbourhood_density(p: torch.Tensor, temperature: float = SND_TEMPERA
     return total / len(q)
 
 
-def scores(logit_pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """The val_* columns from the two heads' fp32 logits, chunk by chunk: computed on the device, read
-    with one host transfer."""
+def scores(logit_pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+           discrepancy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """The val_* columns from the two heads' fp32 logits, chunk by chunk, and the run's discrepancy
+    d(logits1, logits2) (algorithms.DISCREPANCIES): computed on the device, read with one host transfer."""
     pairs = list(logit_pairs)
-    p1 = torch.cat([logits1 for logits1, _ in pairs]).softmax(dim=1)
-    p2 = torch.cat([logits2 for _, logits2 in pairs]).softmax(dim=1)
+    logits1, logits2 = torch.cat([l1 for l1, _ in pairs]), torch.cat([l2 for _, l2 in pairs])
+    p1, p2 = logits1.softmax(dim=1), logits2.softmax(dim=1)
     p = (p1 + p2) / 2
     values = {
         "val_entropy": _entropy(p).mean(),
         "val_im": _entropy(p.mean(dim=0, keepdim=True))[0] - _entropy(p).mean(),
         "val_snd": soft_neighbourhood_density(p),
         "val_bnm": torch.linalg.svdvals(p).sum() / len(p),
-        "val_d": (p1 - p2).abs().mean(),
+        "val_d": discrepancy(logits1, logits2),
     }
     return dict(zip(values, torch.stack(list(values.values())).tolist()))
 

@@ -23,19 +23,17 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.lines import Line2D  # noqa: E402
 
 from algorithms import SourceOnly  # noqa: E402
-from checkpoint import ResumeError, load_checkpoint  # noqa: E402
+from checkpoint import ResumeError, checkpoint_data, load_checkpoint, model_from_checkpoint  # noqa: E402
 from datasets import DataError, Digits, DigitsSplit  # noqa: E402
 from results import OutputError  # noqa: E402
 from figures import picture_path, save_figure  # noqa: E402
 from config import SettingError, positive_int, resolve_device  # noqa: E402
 from main import HelpFormatter, OneLineErrors  # noqa: E402
-from models import NUM_CLASSES  # noqa: E402
-from run_control import checkpoint_data, model_from_checkpoint, refuse_if_training  # noqa: E402
-from train import save_target_confusion  # noqa: E402
+from run_control import refuse_if_training, save_target_confusion  # noqa: E402
 
 DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:red"}
-DIGIT_COLOURS = plt.get_cmap("tab10")  # digit d is drawn in colour d (vmin 0, vmax 9 below)
-DIGIT_LEGEND = [Line2D([], [], marker="o", linestyle="", color=DIGIT_COLOURS(d), label=str(d)) for d in range(NUM_CLASSES)]
+FEW = 10  # up to this many classes: one colour each, with a legend; more (43 signs) on a colour scale
+FEW_COLOURS = plt.get_cmap("tab10")  # class k is drawn in colour k (vmin 0, vmax classes - 1 below)
 
 
 def _subset(split: DigitsSplit, count: int, seed: int) -> DigitsSplit:
@@ -70,18 +68,19 @@ def save_tsne(models: list[tuple[str, SourceOnly]], data: Digits, out: Path, ima
             by_domain.scatter(*points[chosen].T, s=4, c=colour, alpha=0.5, label=f"{domain} ({chosen.sum()})")
         by_domain.legend(markerscale=3)
         by_domain.set_title(f"{name}: by domain")
-        digits = model.classes == NUM_CLASSES  # ten colours with a legend; the 43 signs on a colour scale
-        colours = DIGIT_COLOURS if digits else plt.get_cmap("nipy_spectral")
+        few = model.classes <= FEW
+        colours = FEW_COLOURS if few else plt.get_cmap("nipy_spectral")
         for domain, marker in (("source", "o"), ("target", "x")):
             chosen = domains == domain
             drawn = by_class.scatter(*points[chosen].T, s=5, c=classes[chosen], cmap=colours, vmin=0,
                                      vmax=model.classes - 1, marker=marker, alpha=0.6, linewidths=0.6)
-        if digits:
-            by_class.legend(handles=DIGIT_LEGEND, title="digit", fontsize="small", loc="center left",
-                            bbox_to_anchor=(1, 0.5))
+        if few:
+            legend = [Line2D([], [], marker="o", linestyle="", color=FEW_COLOURS(k), label=label)
+                      for k, label in enumerate(data.classes)]
+            by_class.legend(handles=legend, title="class", fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
         else:
             figure.colorbar(drawn, ax=by_class, label="class")
-        by_class.set_title(f"{name}: by {'digit' if digits else 'class'} (o source, x target)")
+        by_class.set_title(f"{name}: by class (o source, x target)")
         for axes_ in (by_domain, by_class):
             axes_.set_xticks([])
             axes_.set_yticks([])
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         data = checkpoint_data(checkpoints[0][1], device, args.data_root)
         models = [(f"{path.stem} ({c['config']['method']}, epoch {c['epoch']})", model_from_checkpoint(c, device, path))
                   for path, c in checkpoints]
-        save_target_confusion(models[0][1], data.target_test, picture_path(args.checkpoint, "confusion"),
+        save_target_confusion(models[0][1], data, picture_path(args.checkpoint, "confusion"),
                               "target test, ensemble", chunk_size=2048)
         save_tsne(models, data, picture_path(args.checkpoint, "tsne"), args.images)
     except (DataError, OutputError, ResumeError, OSError) as error:
