@@ -279,7 +279,8 @@ def saved_config(checkpoint: dict) -> dict:
     """A checkpoint's settings, with the value every run had for those added after it was written (the
     network was then always the pair's default)."""
     saved = {**ADDED_LATER, **checkpoint["config"]}
-    saved.setdefault("network", default_network(saved.get("source", "svhn"), saved.get("target", "mnist")))
+    if "network" not in saved:
+        saved["network"] = default_network(saved.get("source", "svhn"), saved.get("target", "mnist"))
     return saved
 
 

@@ -145,7 +145,7 @@ class Config:
                           "images, a subfolder per class; docs/your-data.md)", "data", result=True, parse=dataset_name)
     target: str = setting("mnist", "unlabelled target dataset, as --source; its labels are read only for the test "
                           "accuracy", "data", result=True, parse=dataset_name)
-    network: str | None = setting(None, "G, F1 and F2, and the image size and channels every image is brought to: "
+    network: str = setting("svhn2mnist", "G, F1 and F2, and the image size and channels every image is brought to: "
                                   "svhn2mnist 32x32 RGB, usps (LeNet-style) 28x28 grey, syn2gtrsb 40x40 RGB", "data",
                                   result=True, choices=tuple(NETWORKS),
                                   auto="the source's (MNIST <-> USPS: usps; SVHN: svhn2mnist; signs and folders as "
@@ -236,7 +236,8 @@ def resolve(given: dict[str, Any]) -> Config:
     if values["cuda_graph"] and not cuda:
         raise SettingError(f"--cuda-graph on needs a CUDA device, not {device}; use --cuda-graph off or auto")
     pair = (values.setdefault("source", Config.source), values.setdefault("target", Config.target))
-    values.setdefault("network", default_network(*pair))
+    if "network" not in values:
+        values["network"] = default_network(*pair)
     subsets = [name for name in DOMAINS if DOMAINS[name].small_train_size]
     if values.get("small_subsets") and not set(pair) <= set(subsets):
         raise SettingError(f"--small-subsets is the paper's MNIST <-> USPS protocol; {pair[0]} -> {pair[1]} uses "

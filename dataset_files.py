@@ -73,10 +73,6 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _md5_bytes(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
 def _download(url: str, destination: Path, md5: str) -> None:
     """torchvision's checksummed download (with progress), into a temp file renamed on success,
     so an interrupted download never leaves a half file where a dataset file belongs."""
@@ -145,7 +141,7 @@ def _mnist_file(root: Path, stem: str, allow_unverified: bool) -> DataFile:
         contents_md5 = None
         if gz.exists():
             with gzip.open(gz, "rb") as compressed:
-                contents_md5 = _md5_bytes(compressed.read())
+                contents_md5 = hashlib.md5(compressed.read()).hexdigest()
     except (OSError, EOFError) as error:
         raise DataError(f"{gz} is not a valid .gz file ({error}); delete it to download it again") from error
 

@@ -26,11 +26,13 @@ MCD_COLUMNS = csv_columns(MCD.LOSSES)  # the CSV header of mcd and source_only r
 
 
 def train_args(data_root: Path, csv_path: Path, *extra: str, epochs: int = 2, iters: int = 2,
-               num_k: int | None = 1) -> list[str]:
-    """main.py's flags for a tiny CPU run on fixture data (num_k None: the default, 4)."""
+               num_k: int | None = 1, pair: tuple[str, ...] = LENET) -> list[str]:
+    """main.py's flags for a tiny CPU run on fixture data (num_k None: the default, 4): `pair` (MNIST -> USPS
+    and its small network) unless `extra` names another (files and processes are what most tests are about)."""
+    pair = [] if "--source" in extra or "--target" in extra else list(pair)
     return ["--data-root", str(data_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
             "--epochs", str(epochs), "--iters-per-epoch", str(iters), "--batch-size", "8",
-            *(["--num-k", str(num_k)] if num_k is not None else []), "--csv", str(csv_path), *extra]
+            *(["--num-k", str(num_k)] if num_k is not None else []), *pair, "--csv", str(csv_path), *extra]
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -156,6 +158,11 @@ def make_signs_root(root: Path, seed: int = 0, per_class: int = 6) -> dict[str, 
     (synthetic / "train_labelling.txt").write_text("".join(lines))
     return labels
 
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: real processes, signals, sweeps and fault injection: the full run only "
+                                       "(the quick tier is -m 'not slow')")
 
 
 @pytest.fixture(autouse=True)

@@ -155,6 +155,25 @@ def test_plot_several_files_and_never_imports_torch(tmp_path):
     assert (tmp_path / "mcd.png").read_bytes()[:8] == PNG_MAGIC  # default output: first CSV's stem
 
 
+def test_plot_draws_every_loss_column_a_method_writes(tmp_path, monkeypatch):
+    import plot_results
+    from algorithms import ALGORITHMS
+    from results import csv_columns
+
+    drawn = []
+    monkeypatch.setattr(plot_results, "save_figure", lambda figure, out: drawn.append(figure))
+    paths = []
+    for method, algorithm in ALGORITHMS.items():  # DANN's loss_domain as much as MCD's three
+        columns = csv_columns(algorithm.LOSSES)
+        row = lambda epoch: ",".join(str(epoch) if c == "epoch" else "0.5" for c in columns)  # noqa: E731
+        paths.append(_write(tmp_path / f"{method}.csv", ",".join(columns) + f"\n{row(1)}\n{row(2)}\n"))
+    assert plot_results.main([str(p) for p in paths]) == 0
+    losses = drawn[0].axes[1]
+    labels = {line.get_label() for line in losses.get_lines()}
+    expected = {f"{method}: {loss}" for method, algorithm in ALGORITHMS.items() for loss in algorithm.LOSSES}
+    assert labels == expected and "dann: loss_domain" in labels
+
+
 def test_plot_draws_a_non_utf8_file_name_and_seeds_with_an_infinite_loss(tmp_path):
     header = ",".join(CSV_COLUMNS)
     odd = Path(os.fsdecode(bytes(tmp_path) + b"/r\xff.csv"))  # a name that is not UTF-8

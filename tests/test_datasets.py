@@ -113,8 +113,9 @@ def _pretend_official(monkeypatch, root: Path) -> None:
     """Make the fixture files 'the official release' by patching the expected MD5s to theirs."""
     svhn = {s: (url, name, dataset_files.calculate_md5(root / "svhn" / name)) for s, (url, name, _) in dataset_files.SVHN_FILES.items()}
     mnist = {gz: dataset_files.calculate_md5(root / "MNIST" / "raw" / gz) for gz in dataset_files.MNIST_GZ_MD5}
-    monkeypatch.setattr(dataset_files, "SVHN_FILES", svhn)
-    monkeypatch.setattr(dataset_files, "MNIST_GZ_MD5", mnist)
+    for table, values in ((dataset_files.SVHN_FILES, svhn), (dataset_files.MNIST_GZ_MD5, mnist)):
+        for key, value in values.items():  # in place: each dataset's record reads these tables
+            monkeypatch.setitem(table, key, value)
 
 
 def test_official_files_pass_without_flag(fresh_root, monkeypatch, capsys):

@@ -14,7 +14,7 @@ import torch
 
 import algorithms
 import main as main_module
-import train as train_module
+import run_control
 from algorithms import ALGORITHMS, DANN, GradientReversal
 from checkpoint import ResumeError, load_checkpoint
 from config import Config, result_settings
@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("method", list(ALGORITHMS))
 def test_every_method_follows_the_contract(method):
     torch.manual_seed(0)
-    model = ALGORITHMS[method](Config(method=method, batch_size=8, num_k=1, source="mnist", target="usps"), CPU, 10)
+    config = Config(method=method, batch_size=8, num_k=1, source="mnist", target="usps", network="usps")
+    model = ALGORITHMS[method](config, 10, CPU, 10)
     assert isinstance(model, torch.nn.Module) and model.optimizers
     model.train()
     g = torch.Generator().manual_seed(0)
@@ -57,7 +58,8 @@ def test_gradient_reversal_is_the_identity_forward_and_minus_strength_backward()
 
 def test_dann_follows_the_papers_schedule_and_reverses_the_domain_gradient_into_G(monkeypatch):
     torch.manual_seed(0)
-    model = DANN(Config(method="dann", batch_size=8, source="mnist", target="usps"), CPU, total_iterations=4)
+    model = DANN(Config(method="dann", batch_size=8, source="mnist", target="usps", network="usps"), 10, CPU,
+                 total_iterations=4)
     model.train()
     strengths = []
     real_apply = GradientReversal.apply
@@ -74,14 +76,14 @@ def test_dann_trains_resumes_and_writes_its_own_loss_columns(digits_root, tmp_pa
     straight, resumed = tmp_path / "straight.csv", tmp_path / "resumed.csv"
     flags = ("--method", "dann", "--deterministic", *LENET)
     assert main_module.main(train_args(digits_root, straight, *flags, epochs=3)) == 0
-    real_end_epoch = train_module.Run.end_epoch
+    real_save_epoch = run_control.RunFiles.save_epoch
 
-    def stop_after_epoch_2(run, losses, seconds):  # a SIGTERM as epoch 2 is saved
-        real_end_epoch(run, losses, seconds)
+    def stop_after_epoch_2(run, row, *args):  # a SIGTERM as epoch 2 is saved
+        real_save_epoch(run, row, *args)
         if run.epoch == 2:
             raise Interrupted(signal.SIGTERM)
 
-    monkeypatch.setattr(train_module.Run, "end_epoch", stop_after_epoch_2)
+    monkeypatch.setattr(run_control.RunFiles, "save_epoch", stop_after_epoch_2)
     assert main_module.main(train_args(digits_root, resumed, *flags, epochs=3)) == 143
     monkeypatch.undo()
     assert main_module.main(train_args(digits_root, resumed, *flags, "--resume", epochs=3)) == 0
@@ -121,7 +123,7 @@ def test_the_docs_flag_table_is_the_parsers():
         assert f"`{main_module.flag_name(setting)}`" in table
 
 
-def test_main_reaches_step_b_in_at_most_six_calls(digits_root, tmp_path, monkeypatch):
+def test_main_reaches_step_b_in_at_most_four_calls(digits_root, tmp_path, monkeypatch):
     depths = []
     real_step_b = algorithms.MCD.step_b
 
@@ -132,5 +134,5 @@ def test_main_reaches_step_b_in_at_most_six_calls(digits_root, tmp_path, monkeyp
 
     monkeypatch.setattr(algorithms.MCD, "step_b", step_b)
     assert main_module.main(train_args(digits_root, tmp_path / "r.csv", *LENET, epochs=1, iters=1)) == 0
-    # main.main -> train -> train_epoch -> TrainStep.__call__ -> TrainStep.iteration -> MCD.update -> step_b
-    assert depths and depths[0] <= 6
+    # main.main -> train.train -> TrainStep.__call__ -> MCD.update -> MCD.step_b
+    assert depths and depths[0] <= 4

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import main as main_module
-from config import ORIGINAL_SVHN_SCHEDULE, Config
+from config import Config
+from datasets import ORIGINAL_SVHN_SCHEDULE
 from conftest import LENET, train_args
 from models import build_models
 
@@ -29,9 +30,9 @@ def _batchnorms(models) -> list[nn.Module]:
 @pytest.mark.parametrize("architecture", ["svhn2mnist", "usps"])
 def test_original_batchnorm_scales_are_uniform_in_0_1_and_the_default_ones(architecture):
     torch.manual_seed(0)
-    original = build_models(CPU, architecture, "uniform")
+    original = build_models(CPU, architecture, 10, "uniform")
     torch.manual_seed(0)
-    default = build_models(CPU, architecture, "ones")
+    default = build_models(CPU, architecture, 10, "ones")
     norms = _batchnorms(original)
     assert len(norms) == 6  # SVHN network: G 4, each head 1; LeNet: G 2, each head 2
     for norm in norms:
@@ -47,7 +48,7 @@ def test_original_batchnorm_scales_are_uniform_in_0_1_and_the_default_ones(archi
                        isinstance(m, nn.modules.batchnorm._BatchNorm)):
                 assert torch.equal(p, q), name
     torch.manual_seed(1)
-    assert not torch.equal(_batchnorms(build_models(CPU, architecture, "uniform"))[0].weight, norms[0].weight)  # from the seed
+    assert not torch.equal(_batchnorms(build_models(CPU, architecture, 10, "uniform"))[0].weight, norms[0].weight)  # from the seed
 
 
 def test_the_original_schedule_is_47_epochs_of_429_iterations():
@@ -101,7 +102,8 @@ def test_a_checkpoint_from_before_protocols_still_resumes(digits_root, tmp_path)
     path = csv_path.with_suffix(".pt")
     payload = torch.load(path, weights_only=True)
     payload.pop("checksum")
-    for key in ("protocol", "batchnorm_init"):  # what a checkpoint written before this flag holds
+    payload.pop("provenance")
+    for key in ("protocol", "batchnorm_init", "network"):  # what a checkpoint written before these flags holds
         payload["config"].pop(key)
     torch.save(payload, path)
     assert main_module.main(_args(digits_root, csv_path, "--resume", "--epochs", "2")) == 0

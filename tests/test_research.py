@@ -7,6 +7,7 @@ import json
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +24,7 @@ import visualize
 from checkpoint import load_checkpoint, save_checkpoint
 from figures import confusion_matrix
 from conftest import MCD_COLUMNS as CSV_COLUMNS, read_rows as _rows, train_args as _args
-from run_control import checkpoint_data, model_from_checkpoint
+from checkpoint import checkpoint_data, model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -124,13 +125,13 @@ def test_visualize_refuses_bad_images_and_a_comparison_across_pairs(seed_runs, t
     checkpoint = seed_runs.parent / "mcd_seed1.pt"
     payload = load_checkpoint(checkpoint)
     other = tmp_path / "usps.pt"
-    save_checkpoint(other, {**payload, "config": {**payload["config"], "source": "mnist", "target": "usps"}})
+    save_checkpoint(other, {**payload, "config": {**payload["config"], "source": "usps", "target": "mnist"}})
     with pytest.raises(SystemExit) as exit_info:
         visualize.main([str(checkpoint), "--images", "0", "--device", "cpu"])
     assert exit_info.value.code == 2 and "--images" in capsys.readouterr().err
     assert visualize.main([str(checkpoint), "--compare", str(other), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "different pairs" in err and "mnist -> usps" in err
+    assert err.count("\n") == 1 and "different pairs" in err and "usps -> mnist" in err
 
 
 def test_visualize_refuses_a_missing_cuda_and_a_run_still_training(seed_runs, capsys):
@@ -160,7 +161,7 @@ def test_tsne_by_digit_panels_have_a_legend_of_the_ten_digits_in_their_colours(s
     drawn = []
     monkeypatch.setattr(visualize, "save_figure", lambda figure, out, dpi: drawn.append(figure))
     visualize.save_tsne([("mcd", model), ("again", model)], data, tmp_path / "tsne.png", images=40)
-    by_digit = [axes for axes in drawn[0].axes if "by digit" in axes.get_title()]
+    by_digit = [axes for axes in drawn[0].axes if "by class" in axes.get_title()]
     assert len(by_digit) == 2  # one per model
     for axes in by_digit:
         legend = axes.get_legend()
@@ -205,7 +206,9 @@ def test_usps_with_svhn_is_32x32_rgb(fresh_root):
 
 def test_small_subsets_are_seeded_random_training_subsets(fresh_root, monkeypatch):
     root, _ = fresh_root
-    monkeypatch.setattr(datasets, "SMALL_TRAIN_SIZES", {"mnist": 50, "usps": 40})  # the paper's 2,000 / 1,800
+    assert (datasets.DOMAINS["mnist"].small_train_size, datasets.DOMAINS["usps"].small_train_size) == (2000, 1800)
+    for name, size in (("mnist", 50), ("usps", 40)):  # the paper's sizes, scaled to the fixture's
+        monkeypatch.setitem(datasets.DOMAINS, name, replace(datasets.DOMAINS[name], small_train_size=size))
     one = _load(root, source="usps", target="mnist", small_subsets=True, subset_seed=1)
     assert len(one.source_train) == 40 and len(one.target_train) == 50
     assert len(one.source_test) == 120 and len(one.target_test) == 200  # test sets stay whole
@@ -240,8 +243,8 @@ def test_usps_checksum_and_missing_files(fresh_root):
 
 
 def test_the_usps_network_is_the_original_lenet_style_model():
-    G, F1, F2 = models.build_models(torch.device("cpu"), models.architecture_for("mnist", "usps"))
-    assert models.architecture_for("svhn", "usps") == "svhn2mnist"
+    G, F1, F2 = models.build_models(torch.device("cpu"), datasets.default_network("mnist", "usps"))
+    assert datasets.default_network("svhn", "usps") == datasets.default_network("usps", "svhn") == "svhn2mnist"
     assert sum(p.numel() for p in G.parameters()) == 39_440  # conv 1->32 k5, BN, conv 32->48 k5, BN
     assert sum(p.numel() for p in F1.parameters()) == 88_410  # fc 768->100, BN, 100->100, BN, 100->10
     features = G.eval()(torch.randn(4, 1, 28, 28))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,11 +16,13 @@ import torch
 
 import main as main_module
 import algorithms
+import results
+import run_control
 import train as train_module
 from checkpoint import load_checkpoint, save_checkpoint
 from config import result_settings
 from conftest import LENET, MCD_COLUMNS as CSV_COLUMNS, make_digits_root, read_rows as _rows, train_args as _args
-from iteration import LossTally, NonFiniteLoss, NonFiniteWatch
+from iteration import EpochLosses, NonFiniteLoss, TrainStep
 from run_control import Interrupted, SignalGuard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +64,7 @@ def test_each_epoch_leaves_a_weights_only_checkpoint_that_agrees_with_the_csv(fi
     assert checkpoint["epoch"] == 2 and len(checkpoint["rows"]) == 2
     assert {key.split(".")[0] for key in checkpoint["models"]} == {"G", "F1", "F2"}  # the method's state_dict
     assert set(checkpoint["optimizers"]) == {"G", "F"}
-    assert checkpoint["optimizers"]["G"]["state"][0]["exp_avg"].shape == checkpoint["models"]["G.conv.0.weight"].shape
+    assert checkpoint["optimizers"]["G"]["state"][0]["exp_avg"].shape == checkpoint["models"]["G.net.0.weight"].shape
     assert set(checkpoint["rng"]) == {"torch", "device", "numpy", "python"}
     assert [s["position"] for s in checkpoint["streams"]] == [32, 32]  # 2 epochs x 2 batches of 8, each stream
     assert set(result_settings()) <= set(checkpoint["config"])
@@ -124,7 +128,7 @@ def test_resume_refuses_changed_dataset_files(finished_run, tmp_path, capsys):
     before = _snapshot(*_outputs(csv_path))
     assert main_module.main(_args(other_data, csv_path, "--resume", epochs=3)) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
-    assert len(errors) == 1 and "dataset files changed" in errors[0] and "train_32x32.mat" in errors[0]
+    assert len(errors) == 1 and "dataset files changed" in errors[0] and "usps.bz2" in errors[0]
     assert _snapshot(*_outputs(csv_path)) == before
 
 
@@ -180,16 +184,20 @@ def _wait_for_rows(csv_path: Path, count: int, process: subprocess.Popen, timeou
 @pytest.fixture(scope="module")
 def deterministic_reference(digits_root, tmp_path_factory) -> Path:
     csv_path = tmp_path_factory.mktemp("reference") / "reference.csv"
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *_args(digits_root, csv_path, "--deterministic", epochs=3)],
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *_args(digits_root, csv_path, "--deterministic",
+                                                                            epochs=3, iters=KILLED_ITERS)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     return csv_path
 
 
+KILLED_ITERS = 30  # about a second per epoch of the small network: the kill lands inside epoch 2
+
+
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_csv(deterministic_reference, digits_root, tmp_path):
     # Also proves --deterministic reruns identical: the killed run is a second run, its epoch-1 row must match.
     csv_path = tmp_path / "killed.csv"
-    args = _args(digits_root, csv_path, "--deterministic", epochs=3)
+    args = _args(digits_root, csv_path, "--deterministic", epochs=3, iters=KILLED_ITERS)
     process = _start(args)
     _wait_for_rows(csv_path, 1, process)  # epoch 1 is checkpointed; epoch 2 is under way
     time.sleep(0.3)
@@ -251,22 +259,21 @@ def test_signal_guard_turns_signals_into_interrupted_and_restores_handlers():
 # Non-finite losses
 
 
-def test_watch_reports_the_first_non_finite_iteration():
-    tally = LossTally(torch.device("cpu"))
-    watch = NonFiniteWatch(tally)
-    tally.add({"a": torch.tensor(1.0), "b": torch.tensor(2.0)})
-    watch.update(0)
-    tally.add({"a": torch.tensor(float("nan")), "b": torch.tensor(2.0)})
-    with pytest.raises(NonFiniteLoss) as error:
-        watch.update(1)
+def test_epoch_losses_report_the_first_non_finite_iteration():
+    losses = EpochLosses(torch.device("cpu"))
+    losses.add({"a": torch.tensor(1.0), "b": torch.tensor(2.0)})
+    with pytest.raises(NonFiniteLoss) as error:  # on a CPU, at once
+        losses.add({"a": torch.tensor(float("nan")), "b": torch.tensor(2.0)})
     assert error.value.iteration == 2  # 1-based, as printed
-    tally.add({"a": torch.tensor(float("inf")), "b": torch.tensor(2.0)})
-    assert int(tally.first_bad) == 1  # the first one stays
-    tally.reset()
-    tally.add({"a": torch.tensor(3.0), "b": torch.tensor(-1.0)})
-    tally.add({"a": torch.tensor(4.0), "b": torch.tensor(-2.0)})
-    watch.finish()  # a new epoch, all finite
-    assert tally.means(2) == {"a": 3.5, "b": -1.5}
+    with pytest.raises(NonFiniteLoss) as error:
+        losses.add({"a": torch.tensor(float("inf")), "b": torch.tensor(2.0)})
+    assert error.value.iteration == 2 and int(losses.first_bad) == 1  # the first one stays
+    with pytest.raises(NonFiniteLoss):
+        losses.means()
+    epoch = EpochLosses(torch.device("cpu"))  # a new epoch, all finite
+    epoch.add({"a": torch.tensor(3.0), "b": torch.tensor(-1.0)})
+    epoch.add({"a": torch.tensor(4.0), "b": torch.tensor(-2.0)})
+    assert epoch.means() == {"a": 3.5, "b": -1.5}
 
 
 def test_a_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_epoch(digits_root, tmp_path, monkeypatch, capsys):
@@ -293,7 +300,7 @@ def test_interrupted_before_the_first_epoch_says_to_start_again(digits_root, tmp
     def interrupted(*args, **kwargs):
         raise Interrupted(signal.SIGTERM)
 
-    monkeypatch.setattr(train_module, "train_epoch", interrupted)
+    monkeypatch.setattr(TrainStep, "__call__", interrupted)
     csv_path = tmp_path / "early.csv"
     assert main_module.main(_args(digits_root, csv_path)) == 143
     err = capsys.readouterr().err
@@ -411,8 +418,8 @@ def test_seeds_lock_every_seed_before_the_first_trains(digits_root, tmp_path, ca
 LIMIT_EPOCH_2 = """
 import resource, sys
 sys.path.insert(0, {root!r})
-import main, run_control
-real_submit = run_control.CheckpointWriter.submit
+import checkpoint, main
+real_submit = checkpoint.CheckpointWriter.submit
 
 def submit(self, payload, row):
     if row["epoch"] == 2:  # epoch 1 is on disk; from here on no file may grow past 64 KiB
@@ -420,7 +427,7 @@ def submit(self, payload, row):
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
     real_submit(self, payload, row)
 
-run_control.CheckpointWriter.submit = submit
+checkpoint.CheckpointWriter.submit = submit
 sys.exit(main.main(sys.argv[1:]))
 """
 
@@ -469,7 +476,7 @@ def _disk_full_at_epoch_2(monkeypatch) -> None:
 
 
 def test_host_staging_copies_into_the_same_buffers_every_epoch():
-    from run_control import HostStaging
+    from checkpoint import HostStaging
 
     weight = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
     payload = {"epoch": 1, "models": {"G": {"w": weight}}, "optimizers": [{"step": torch.tensor(3.0)}], "rows": [{"a": 1}]}
@@ -488,7 +495,7 @@ def test_host_staging_copies_into_the_same_buffers_every_epoch():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_host_staging_on_cuda_copies_asynchronously_into_pinned_buffers():
-    from run_control import HostStaging
+    from checkpoint import HostStaging
 
     weight = torch.randn(256, 1024, device="cuda")
     staged, event = HostStaging().stage({"w": weight, "rng": torch.get_rng_state()})
@@ -502,15 +509,15 @@ def test_a_failed_checkpoint_is_one_line_and_keeps_epoch_1(digits_root, tmp_path
     if fault == "disk full":
         _disk_full_at_epoch_2(monkeypatch)
     else:
-        import run_control
-        real_stage = run_control.HostStaging.stage
+        import checkpoint
+        real_stage = checkpoint.HostStaging.stage
 
         def stage(self, payload):
             if payload["epoch"] == 2:
                 raise MemoryError()
             return real_stage(self, payload)
 
-        monkeypatch.setattr(run_control.HostStaging, "stage", stage)
+        monkeypatch.setattr(checkpoint.HostStaging, "stage", stage)
     csv_path = tmp_path / "fault.csv"
     assert main_module.main(_args(digits_root, csv_path, *LENET, epochs=3)) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line and not line.startswith("warning:")]
@@ -612,7 +619,7 @@ def test_a_run_that_died_before_its_first_checkpoint_is_offered_overwrite(digits
 SIGNAL_DURING = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
-import main, run_control, train
+import checkpoint, main, run_control
 where = sys.argv.pop(1)
 
 def signalled(real, signum):
@@ -623,11 +630,11 @@ def signalled(real, signum):
     return wrapper
 
 if where == "last checkpoint":  # on the writer thread, while the main thread waits for it
-    real_save = run_control.save_checkpoint
-    run_control.save_checkpoint = lambda path, payload: (signalled(real_save, signal.SIGTERM) if payload["epoch"] == 2
+    real_save = checkpoint.save_checkpoint
+    checkpoint.save_checkpoint = lambda path, payload: (signalled(real_save, signal.SIGTERM) if payload["epoch"] == 2
                                                          else real_save)(path, payload)
 else:  # the final confusion picture
-    train.save_target_confusion = signalled(train.save_target_confusion, signal.SIGINT)
+    run_control.save_target_confusion = signalled(run_control.save_target_confusion, signal.SIGINT)
 sys.exit(main.main(sys.argv[1:]))
 """
 
@@ -717,3 +724,37 @@ def test_failure_causes_are_named_through_the_exception_chain():
     except RuntimeError as zip_writer:  # torch's zip writer, failing while the OSError is handled
         assert failure_cause(zip_writer) == "file size limit"
     assert failure_cause(RuntimeError("something\nelse")) == "RuntimeError: something"
+
+
+# ---------------------------------------------------------------------------------------------------
+# What made a run: its command line and the code's version
+
+
+def test_the_record_names_the_command_line_and_code_and_resume_says_when_either_changed(digits_root, tmp_path,
+                                                                                         monkeypatch, capsys):
+    csv_path = tmp_path / "made.csv"
+    args = _args(digits_root, csv_path, epochs=1)
+    assert main_module.main(args) == 0
+    record = json.loads(csv_path.with_suffix(".json").read_text())
+    assert shlex.split(record["command"]) == ["main.py", *args]
+    assert set(record["code"]) in ({"git_commit", "dirty"}, {"files_sha256"})
+    assert load_checkpoint(csv_path.with_suffix(".pt"))["provenance"] == {"command": record["command"], "code": record["code"]}
+    capsys.readouterr()
+    assert main_module.main([*args, "--resume"]) == 0  # the same command again: nothing to say
+    assert "note:" not in capsys.readouterr().out
+    monkeypatch.setattr(run_control, "provenance", lambda command: {"command": shlex.join(command),
+                                                                     "code": {"git_commit": "f" * 40, "dirty": True}})
+    assert main_module.main([*args[:-2], "--eval-batch-size", "64", *args[-2:], "--resume", "--epochs", "2"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "another command line" in notes[0] and "--eval-batch-size 64" in notes[0]
+    assert "another code" in notes[0] and "ffffffffffff (dirty)" in notes[0]
+
+
+def test_outside_a_git_checkout_the_code_version_is_a_hash_of_the_python_files(monkeypatch):
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(results.subprocess, "run", no_git)
+    version = results.code_version()
+    assert set(version) == {"files_sha256"} and len(version["files_sha256"]) == 64
+    assert version == results.code_version()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ import benchmark
 from main import build_config, build_parser
 from algorithms import ALGORITHMS, MCD, discrepancy
 from config import Config, configure_backends
-from datasets import image_format
-from iteration import TrainStep
+from iteration import TrainStep, speed_up
+from models import NETWORKS
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -31,14 +32,15 @@ def _run_iterations(config: Config, iterations: int, batch_size: int, seed: int 
     losses and the model."""
     device = torch.device(config.device)
     configure_backends(config)
-    fmt = image_format(config.source, config.target)
+    spec = NETWORKS[config.network]
     data = benchmark.synthetic_digits({"source_train": 4 * batch_size, "target_train": 4 * batch_size,
                                        "source_test": 1, "target_test": 1}, device, seed=seed,
-                                      shape=(fmt.channels, fmt.size, fmt.size))
+                                      shape=(spec.channels, spec.size, spec.size))
     torch.manual_seed(seed)
-    model = ALGORITHMS[config.method](config, device, iterations)
+    model = ALGORITHMS[config.method](config, 10, device, iterations)
     model.train()
-    step = TrainStep(model, data.source_train, data.target_train)
+    speed_up(model, config)
+    step = TrainStep(model, data.source_train, data.target_train, config)
     index = torch.Generator(device=device).manual_seed(seed)
     history = []
     for _ in range(iterations):
@@ -97,7 +99,7 @@ def test_fp32_is_exact_and_tf32_is_opt_in():
 
 def test_bf16_autocasts_the_network_but_losses_stay_fp32():
     torch.manual_seed(0)
-    exact, fast = MCD(Config(), CPU, 1), MCD(Config(precision="bf16"), CPU, 1)
+    exact, fast = MCD(Config(), 10, CPU, 1), MCD(Config(precision="bf16"), 10, CPU, 1)
     fast.G.load_state_dict(exact.G.state_dict())
     fast.F1.load_state_dict(exact.F1.state_dict())
     fast.F2.load_state_dict(exact.F2.state_dict())
@@ -118,7 +120,7 @@ def test_bf16_autocasts_the_network_but_losses_stay_fp32():
 def test_bf16_keeps_activations_bf16_through_batchnorm_relu_and_pooling():
     # Autocast already runs BatchNorm, ReLU, max-pooling and dropout on the bf16 activations (none of them
     # is on its fp32 list), with fp32 running statistics: no cast back to fp32 between the matrix products.
-    model = MCD(Config(precision="bf16"), CPU, 1)
+    model = MCD(Config(precision="bf16"), 10, CPU, 1)
     seen = []
     for module in [*model.G.modules(), *model.F1.modules()]:
         if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.MaxPool2d, torch.nn.Dropout)):
@@ -130,28 +132,40 @@ def test_bf16_keeps_activations_bf16_through_batchnorm_relu_and_pooling():
 
 
 def test_channels_last_computes_the_same_training_steps():
-    plain, _, _ = _run_iterations(Config(batch_size=8, num_k=2), 2, batch_size=8)
-    nhwc, model, _ = _run_iterations(Config(batch_size=8, num_k=2, channels_last=True), 2, batch_size=8)
-    assert model.G.conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain, _, _ = _run_iterations(Config(batch_size=8, num_k=2, network="usps"), 2, batch_size=8)
+    nhwc, model, _ = _run_iterations(Config(batch_size=8, num_k=2, network="usps", channels_last=True), 2, batch_size=8)
+    assert model.G.net[0].weight.is_contiguous(memory_format=torch.channels_last)
     _close(plain, nhwc, rel_first=2e-4, rel_later=1e-2)
 
 
+def test_the_methods_file_holds_no_speed_switch_and_speed_up_applies_them_from_outside():
+    source = (ROOT / "algorithms.py").read_text()
+    for switch in ("channels_last", "compile", "fused", "capturable", "cuda_graph", "CUDAGraph"):
+        assert f"{switch}" not in source.split('"""', 2)[2], switch  # the module's docstring may name them
+    model = MCD(Config(network="usps", channels_last=True, compile=True), 10, CPU, 1)
+    speed_up(model, replace(model.config))
+    assert model.G.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(network._compiled_call_impl is not None for network in (model.G, model.F1, model.F2))
+
+
+@pytest.mark.slow
 def test_compiled_training_computes_the_same_steps():
     # Inductor draws dropout masks with its own generator; fallback_random makes it use eager's, so the
     # two runs see the same masks and must give the same losses and weights. torch's own config.patch:
     # monkeypatch.setattr on torch's config modules leaves the option unreachable once undone.
     import torch._inductor.config
 
-    config = Config(method="source_only", batch_size=8)
+    config = Config(method="source_only", batch_size=8, network="usps")
     eager, _, _ = _run_iterations(config, 3, batch_size=8)
     with torch._inductor.config.patch(fallback_random=True):
-        compiled, _, _ = _run_iterations(Config(method="source_only", batch_size=8, compile=True), 3, batch_size=8)
+        compiled, _, _ = _run_iterations(replace(config, compile=True), 3, batch_size=8)
     _close(eager, compiled, rel_first=2e-4, rel_later=1e-2)
 
 
+@pytest.mark.slow
 def test_benchmark_prints_a_table_line_and_one_json_line():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmark.py"), "--device", "cpu", "--method", "source_only",
+        [sys.executable, str(ROOT / "benchmark.py"), "--device", "cpu", "--method", "source_only", "--network", "usps",
          "--batch-size", "8", "--iters", "2", "--repeats", "3", "--warmup", "1"],
         capture_output=True, text=True, timeout=600,
     )
@@ -167,11 +181,12 @@ def test_benchmark_prints_a_table_line_and_one_json_line():
     assert record["final_losses"]["loss_source"] > 0
 
 
+@pytest.mark.slow
 def test_benchmark_sweep_runs_each_variant_in_its_own_process(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(benchmark, "SWEEP_CPU", (("fp32", "off", "off", "off"), ("fp32", "on", "off", "off")))
     out = tmp_path / "speed.jsonl"
     args = benchmark.build_parser().parse_args(
-        ["--sweep", "--device", "cpu", "--method", "source_only", "--batch-size", "8", "--iters", "1",
+        ["--sweep", "--device", "cpu", "--method", "source_only", "--network", "usps", "--batch-size", "8", "--iters", "1",
          "--repeats", "1", "--warmup", "1", "--out", str(out)])
     assert benchmark.sweep(args, "cpu") == 1  # the second variant cannot run on a CPU...
     table = capsys.readouterr().out
@@ -182,7 +197,7 @@ def test_benchmark_sweep_runs_each_variant_in_its_own_process(monkeypatch, tmp_p
 
 
 def test_full_epoch_times_training_and_evaluation():
-    config = Config(method="source_only", batch_size=8)
+    config = Config(method="source_only", batch_size=8, network="usps")
     sizes = {"source_train": 40, "source_test": 30, "target_train": 32, "target_test": 20}
     result = benchmark.time_full_epochs(config, sizes=sizes, epochs=2)
     assert result["iterations_per_epoch"] == 4  # min(40, 32) // 8, as in training
@@ -193,7 +208,7 @@ def test_full_epoch_times_training_and_evaluation():
 def test_evaluation_is_timed_per_chunk_size(monkeypatch, capsys):
     monkeypatch.setattr(benchmark, "REAL_SIZES", {"source_train": 8, "source_test": 30, "target_train": 8, "target_test": 20})
     assert benchmark.main(["--device", "cpu", "--evaluation", "--eval-batch-sizes", "7,64", "--repeats", "2",
-                           "--batch-size", "8"]) == 0
+                           "--batch-size", "8", "--network", "usps"]) == 0
     out = capsys.readouterr().out
     record = json.loads(out.strip().splitlines()[-1])
     assert record["test_images"] == 50 and [row["chunk"] for row in record["evaluation"]] == [7, 64]
@@ -261,7 +276,7 @@ def test_cuda_benchmark_uses_events_and_reports_memory():
 
 def test_profile_groups_the_iterations_time_and_writes_a_trace(tmp_path, capsys):
     trace = tmp_path / "trace.json"
-    assert benchmark.main(["--device", "cpu", "--profile", "--network", "lenet", "--batch-size", "8", "--num-k", "1",
+    assert benchmark.main(["--device", "cpu", "--profile", "--network", "usps", "--batch-size", "8", "--num-k", "1",
                            "--iters", "2", "--warmup", "5", "--trace", str(trace)]) == 0
     out = capsys.readouterr().out
     record = json.loads(out.strip().splitlines()[-1])

@@ -213,10 +213,11 @@ def test_main_refuses_a_huge_seed_range_at_once(capsys):
     assert exit_info.value.code == 2 and "seeds must be between" in capsys.readouterr().err
 
 
-def test_two_workers_take_jobs_from_one_queue(digits_root, tmp_path, capsys):
+@pytest.mark.parametrize(("gpus", "per_gpu"), [("2", "1"), ("1", "2")])
+def test_two_workers_take_jobs_from_one_queue(digits_root, tmp_path, capsys, gpus, per_gpu):
     out = tmp_path / "sweep"
-    command = _launch(digits_root, out, epochs=1)
-    command[command.index("--gpus") + 1] = "2"  # two pretend GPUs (the runs stay on the CPU: --device cpu)
+    command = _launch(digits_root, out, epochs=1) + ["--jobs-per-gpu", per_gpu]
+    command[command.index("--gpus") + 1] = gpus  # pretend GPUs (the runs stay on the CPU: --device cpu)
     command[command.index("--pairs") + 1:command.index("--pairs") + 2] = ["mnist:usps", "usps:mnist"]
     command[command.index("1-2")] = "1"
     command[command.index("--out") + 1] = "sweep"  # relative to the launcher's folder (the workers start elsewhere)
@@ -229,8 +230,10 @@ def test_two_workers_take_jobs_from_one_queue(digits_root, tmp_path, capsys):
         if folder.is_dir() and not folder.name.startswith("."):
             lines = [line for line in (folder / "main.log").read_text().splitlines() if line.startswith("== sweep worker")]
             assert len(lines) == 1, folder  # each job ran once
-            workers.setdefault(lines[0].split(" on ")[1], []).append(folder.name)
-    assert set(workers) == {"GPU 0", "GPU 1"} and sum(map(len, workers.values())) == 4  # both had work
+            workers.setdefault(lines[0], []).append(folder.name)  # "== sweep worker PID on GPU N"
+    assert len(workers) == 2 and sum(map(len, workers.values())) == 4  # both had work
+    on = sorted(line.split(" on ")[1] for line in workers)
+    assert on == (["GPU 0", "GPU 1"] if gpus == "2" else ["GPU 0", "GPU 0"])  # --jobs-per-gpu 2: both on one GPU
     assert set(_status(out, capsys).values()) == {"done"}
 
 

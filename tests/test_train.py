@@ -1,22 +1,24 @@
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-import benchmark
-from datasets import BatchStream, DigitsSplit, load_digits, to_model_input
-from algorithms import MCD, SourceOnly, discrepancy, random_directions, sliced_wasserstein_discrepancy
+from algorithms import DISCREPANCIES, MCD, SourceOnly, discrepancy, random_directions, sliced_wasserstein_discrepancy
 from config import Config
-from iteration import Lane, LiveLosses, LossTally, TrainStep
-from train import train_epoch
+from datasets import BatchStream, DigitsSplit, load_digits, to_model_input
+from iteration import EpochLosses, TrainStep
 
 CPU = torch.device("cpu")
+LENET = {"network": "usps"}  # the MNIST <-> USPS network: 1 x 28 x 28, dropout in both heads, fast on a CPU
 
 
-def _batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(n: int = 8, seed: int = 0, shape: tuple[int, ...] = (1, 28, 28)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g), torch.randn(n, 3, 32, 32, generator=g)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g), torch.randn(n, *shape, generator=g)
 
 
 def _params(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -34,7 +36,7 @@ def _all_changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
 @pytest.fixture()
 def mcd() -> MCD:
     torch.manual_seed(0)
-    model = MCD(Config(num_k=2), CPU, 1)
+    model = MCD(Config(num_k=2, **LENET), 10, CPU, 1)
     model.train()
     return model
 
@@ -79,9 +81,9 @@ def test_sliced_wasserstein_is_zero_for_identical_inputs_and_differentiable():
 
 def test_mcd_with_swd_draws_fresh_directions_and_runs_the_three_steps():
     torch.manual_seed(0)
-    model = MCD(Config(num_k=2, discrepancy="swd", swd_projections=16), CPU, 1)
+    model = MCD(Config(num_k=2, discrepancy="swd", swd_projections=16, **LENET), 10, CPU, 1)
     model.eval()  # same logits twice: only the directions can differ
-    logits = model.heads(model.features(torch.randn(8, 3, 32, 32)))
+    logits = model.heads(model.features(torch.randn(8, 1, 28, 28)))
     assert model.discrepancy(logits).item() != model.discrepancy(logits).item()
     model.train()
     G0, F10 = _params(model.G), _params(model.F1)
@@ -111,7 +113,7 @@ def test_step_b_changes_heads_only(mcd):
 def test_step_b_maximises_the_discrepancy():
     # With a source batch the heads already fit, step B's gradient must push d up, not down.
     torch.manual_seed(1)
-    model = MCD(Config(lr=1e-3), CPU, 1)
+    model = MCD(Config(lr=1e-3, **LENET), 10, CPU, 1)
     model.eval()  # deterministic forward passes, so d before/after is comparable
     xs, ys, xt = _batch(16, seed=3)
     features_t = model.G(xt).detach()
@@ -149,15 +151,15 @@ def test_update_returns_on_device_losses(mcd):
 
 def test_source_only_is_step_a_alone():
     torch.manual_seed(0)
-    model = SourceOnly(Config(), CPU, 1)
+    model = SourceOnly(Config(**LENET), 10, CPU, 1)
     assert set(model.update(*_batch())) == {"loss_source"}
 
 
 def test_evaluate_scores_heads_and_ensemble_of_logits():
     torch.manual_seed(0)
-    model = SourceOnly(Config(), CPU, 1)
+    model = SourceOnly(Config(**LENET), 10, CPU, 1)
     g = torch.Generator().manual_seed(0)
-    split = DigitsSplit(torch.randint(0, 256, (37, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (37,), generator=g))
+    split = DigitsSplit(torch.randint(0, 256, (37, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (37,), generator=g))
     f1, f2, ensemble = model.evaluate(split, chunk_size=10)  # chunks of 10, 10, 10, 7
     assert model.G.training and model.F1.training  # evaluation puts the model back in training mode
     model.eval()
@@ -169,20 +171,23 @@ def test_evaluate_scores_heads_and_ensemble_of_logits():
 
 def test_source_only_learning_is_real(digits_root):
     torch.manual_seed(0)
-    data = load_digits(digits_root, download=False, allow_unverified=True, device=CPU)
-    model = SourceOnly(Config(batch_size=32), CPU, 1)  # the paper's lr and weight decay
+    data = load_digits(digits_root, download=False, allow_unverified=True, device=CPU, source="mnist", target="usps")
+    config = Config(batch_size=32, cuda_graph=False, **LENET)  # the paper's lr and weight decay
+    model = SourceOnly(config, 10, CPU, 1)
     model.train()
     _, _, before = model.evaluate(data.source_test, 512)
-    streams = (BatchStream(len(data.source_train), 32, CPU, 0), BatchStream(len(data.target_train), 32, CPU, 1))
-    run = benchmark.TimedRun(TrainStep(model, data.source_train, data.target_train), streams, Lane(CPU))
-    [losses] = train_epoch([run], iterations=30, desc="learning")
+    step = TrainStep(model, data.source_train, data.target_train, config)
+    source, target = BatchStream(len(data.source_train), 32, CPU, 0), BatchStream(len(data.target_train), 32, CPU, 1)
+    losses = EpochLosses(CPU)
+    for _ in range(30):
+        losses.add(step(source.next(), target.next()))
     _, _, after = model.evaluate(data.source_test, 512)
     assert before < 30  # chance is 10%
     assert after > 60, f"source accuracy {after:.1f}% after 30 iterations"
-    assert losses["loss_source"] > 0
+    assert losses.means()["loss_source"] > 0
 
 
-def test_live_losses_show_running_means_on_the_bar():
+def test_epoch_losses_show_running_means_on_the_bar_and_sum_the_epoch():
     class Bar:
         disable = False
         postfix: dict = {}
@@ -191,19 +196,94 @@ def test_live_losses_show_running_means_on_the_bar():
             self.postfix = values
 
     bar = Bar()
-    live = LiveLosses(bar, every=2)
-    tally = LossTally(CPU)
-    tally.add({"loss_source": torch.tensor(3.0)})
-    live.update(0, tally)  # step 0: copy the sum of 1 step
-    tally.add({"loss_source": torch.tensor(2.0)})
-    live.update(1, tally)  # the copy has landed: show 3.0 / 1
+    losses = EpochLosses(CPU, bar, every=2)
+    losses.add({"loss_source": torch.tensor(3.0)})  # iteration 1: the sum of 1 iteration is copied
+    losses.add({"loss_source": torch.tensor(2.0)})  # the copy has landed: show 3.0 / 1
     assert bar.postfix == {"loss_source": "3.0000"}
-    tally.add({"loss_source": torch.tensor(4.0)})
-    live.update(2, tally)  # step 2: copy the sum of 3 steps
-    tally.add({"loss_source": torch.tensor(100.0)})  # after the copy: not in it
-    live.update(3, tally)
+    losses.add({"loss_source": torch.tensor(4.0)})  # iteration 3: the sum of 3 iterations is copied
+    losses.add({"loss_source": torch.tensor(100.0)})  # after the copy: not in it
     assert bar.postfix == {"loss_source": "3.0000"}  # 9 / 3
+    assert losses.means() == {"loss_source": pytest.approx(109.0 / 4)}
     bar.disable, bar.postfix = True, {}
-    live.update(4, tally)
-    live.update(5, tally)
+    losses.add({"loss_source": torch.tensor(1.0)})
     assert bar.postfix == {}
+
+
+class OriginalMCD:
+    """One iteration as the original code (mil-tokyo/MCD_DA, classification/solver.py, train()) wrote it:
+    three Adam optimisers (G, C1, C2), reset_grad() between steps, step B with the graph through G, step C
+    back-propagating into the heads too (their gradients thrown away by the next reset_grad)."""
+
+    def __init__(self, G, C1, C2, config: Config):
+        adam = lambda module: torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)  # noqa: E731
+        self.G, self.C1, self.C2, self.num_k = G, C1, C2, config.num_k
+        self.opt_g, self.opt_c1, self.opt_c2 = adam(G), adam(C1), adam(C2)
+
+    def reset_grad(self):
+        for optimizer in (self.opt_g, self.opt_c1, self.opt_c2):
+            optimizer.zero_grad()
+
+    @staticmethod
+    def discrepancy(out1, out2):
+        return torch.mean(torch.abs(F.softmax(out1, dim=1) - F.softmax(out2, dim=1)))
+
+    def iteration(self, img_s, label_s, img_t):
+        criterion = torch.nn.CrossEntropyLoss()
+        self.reset_grad()
+        feat_s = self.G(img_s)
+        loss_s = criterion(self.C1(feat_s), label_s) + criterion(self.C2(feat_s), label_s)
+        loss_s.backward()
+        self.opt_g.step(), self.opt_c1.step(), self.opt_c2.step()
+        self.reset_grad()
+        feat_s = self.G(img_s)
+        output_s1, output_s2 = self.C1(feat_s), self.C2(feat_s)
+        feat_t = self.G(img_t)
+        output_t1, output_t2 = self.C1(feat_t), self.C2(feat_t)
+        loss_dis_b = self.discrepancy(output_t1, output_t2)
+        loss = criterion(output_s1, label_s) + criterion(output_s2, label_s) - loss_dis_b
+        loss.backward()
+        self.opt_c1.step(), self.opt_c2.step()
+        self.reset_grad()
+        for _ in range(self.num_k):
+            feat_t = self.G(img_t)
+            loss_dis = self.discrepancy(self.C1(feat_t), self.C2(feat_t))
+            loss_dis.backward()
+            self.opt_g.step()
+            self.reset_grad()
+        return loss_s.detach(), loss_dis_b.detach(), loss_dis.detach()
+
+
+@pytest.mark.parametrize("network, shape", [("usps", (1, 28, 28)), pytest.param("svhn2mnist", (3, 32, 32), marks=pytest.mark.slow)])
+def test_one_mcd_iteration_equals_the_original_codes_bit_for_bit(network, shape):
+    """CPU, fp32: losses, every parameter, every BatchNorm buffer and the predictions, over two iterations
+    (the second uses the Adam moments of the first)."""
+    config = Config(network=network, num_k=2, batch_size=8)
+    torch.manual_seed(0)
+    ours = MCD(config, 10, CPU, 1)
+    original = OriginalMCD(*(copy.deepcopy(m) for m in (ours.G, ours.F1, ours.F2)), config)
+    ours.train()
+    for seed in (1, 2):
+        xs, ys, xt = _batch(8, seed, shape)
+        torch.manual_seed(seed)
+        losses = ours.update(xs, ys, xt)
+        torch.manual_seed(seed)  # the same dropout masks, drawn in the same order
+        loss_s, _, _ = original.iteration(xs, ys, xt)
+        assert torch.equal(losses["loss_source"], loss_s)
+    for mine, theirs in ((ours.G, original.G), (ours.F1, original.C1), (ours.F2, original.C2)):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name  # parameters and BatchNorm running statistics
+    ours.eval(), original.G.eval(), original.C1.eval(), original.C2.eval()
+    with torch.no_grad():
+        x = _batch(8, 3, shape)[2]
+        assert torch.equal(ours.F1(ours.G(x)), original.C1(original.G(x)))
+
+
+def test_every_discrepancy_of_the_registry_is_a_flag_choice_and_mcd_uses_it(monkeypatch):
+    import main as main_module
+
+    assert main_module.CHOICES_FROM_CODE["discrepancy"] == tuple(DISCREPANCIES)
+    called = []
+    monkeypatch.setitem(DISCREPANCIES, "l1", lambda l1, l2, config, generator=None: called.append(1) or discrepancy(l1, l2))
+    model = MCD(Config(num_k=1, **LENET), 10, CPU, 1)
+    model.update(*_batch())
+    assert len(called) == 2  # step B once, step C num_k times: no other d is computed

@@ -13,8 +13,12 @@ from scipy.stats import spearmanr
 import main as main_module
 import plot_results
 import validators
+from algorithms import DISCREPANCIES, MCD, discrepancy
+from config import Config
 from conftest import LENET, read_rows, train_args
+from datasets import load_digits
 from results import selection_path
+from train import evaluate_all
 
 K = 4
 CONFIDENT_DIVERSE = torch.eye(K) * 0.96 + 0.01  # each image sure of another class: rows sum to 1
@@ -25,7 +29,7 @@ UNIFORM = torch.full((K, K), 1 / K)
 def _scores(p1: torch.Tensor, p2: torch.Tensor | None = None, chunks: int = 1) -> dict[str, float]:
     """validators.scores from logits whose softmax is p1 (and p2), in `chunks` pieces as eval passes give them."""
     p2 = p1 if p2 is None else p2
-    return validators.scores(zip(p1.log().chunk(chunks), p2.log().chunk(chunks)))
+    return validators.scores(zip(p1.log().chunk(chunks), p2.log().chunk(chunks)), discrepancy)
 
 
 def test_entropy_and_information_maximisation_prefer_confident_diverse_predictions():
@@ -54,6 +58,25 @@ def test_d_is_mcds_discrepancy_between_the_heads():
         (CONFIDENT_DIVERSE - COLLAPSED).abs().mean().item(), rel=1e-6)
     e0, e1 = torch.tensor([[0.999, 0.001 / 3, 0.001 / 3, 0.001 / 3]]), torch.tensor([[0.001 / 3, 0.999, 0.001 / 3, 0.001 / 3]])
     assert _scores(e0, e1)["val_d"] == pytest.approx(2 * (0.999 - 0.001 / 3) / K, rel=1e-5)
+
+
+def test_val_d_is_the_runs_own_discrepancy_and_leaves_training_randomness_alone(digits_root):
+    cpu = torch.device("cpu")
+    data = load_digits(digits_root, False, True, cpu, "mnist", "usps", "usps")
+    images = data.target_train.images[:64]
+    values = {}
+    for name in DISCREPANCIES:
+        torch.manual_seed(0)
+        config = Config(network="usps", discrepancy=name, swd_projections=8)
+        model = MCD(config, 10, cpu, 1)
+        state = torch.get_rng_state()
+        values[name] = evaluate_all(model, data, 32, images)["val_d"]
+        assert torch.equal(torch.get_rng_state(), state)  # training's random stream is untouched
+        assert evaluate_all(model, data, 32, images)["val_d"] == values[name]  # fixed directions: epochs compare
+        logits1, logits2 = (torch.cat(parts) for parts in zip(*[(l1, l2) for _, l1, l2 in model.eval_passes(images, 32)]))
+        generator = torch.Generator().manual_seed(validators.VALIDATION_SEED)
+        assert values[name] == pytest.approx(DISCREPANCIES[name](logits1, logits2, config, generator).item(), rel=1e-6)
+    assert values["l1"] != values["swd"]
 
 
 def test_snd_by_hand_and_against_a_direct_computation():
