@@ -31,7 +31,7 @@ import torch
 from algorithms import ALGORITHMS, METHODS
 from config import (PRECISIONS, Config, SettingError, batch_images, configure_backends, device_name, positive_int,
                     resolve, speed_label, switch, synchronize)
-from datasets import BatchStream, Digits, DigitsSplit
+from datasets import DOMAINS, BatchStream, Digits, DigitsSplit
 from iteration import EpochLosses, TrainStep, speed_up
 from main import HelpFormatter
 from models import NETWORKS
@@ -39,8 +39,8 @@ from train import batch_streams, evaluate_all
 
 # Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
 REAL_SIZES = {"source_train": 73_257, "source_test": 26_032, "target_train": 60_000, "target_test": 10_000}
-# --network: the class count it is timed with (its pair's)
-CLASSES = {"svhn2mnist": 10, "usps": 10, "syn2gtrsb": 43}
+# --network: the class count it is timed with (that of the datasets whose record names it)
+CLASSES = {name: max(len(record.classes) for record in DOMAINS.values() if record.network == name) for name in NETWORKS}
 
 # --sweep: each variant's switches in SWEEP_FLAGS order, slowest first; each change to the default
 # (bf16, graph, channels_last) is also timed alone, then compile on top.

@@ -27,6 +27,7 @@ def _train_args(data_root: Path, csv_path: Path, *extra: str) -> list[str]:
     return train_args(data_root, csv_path, *extra, iters=3, num_k=None)
 
 
+@pytest.mark.slow
 def test_train_then_plot_end_to_end(digits_root, tmp_path):
     csv_path = tmp_path / "out" / "results.csv"  # the folder does not exist yet
     result = run("main.py", *_train_args(digits_root, csv_path, "--num-k", "2"))
@@ -97,6 +98,7 @@ def test_cuda_requested_but_absent(capsys):
     assert exit_info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_data_offline_is_one_line_and_writes_nothing(tmp_path):
     csv_path = tmp_path / "results.csv"
     (tmp_path / "empty").mkdir()
@@ -120,6 +122,7 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_plot_errors_are_one_line_exit_2(tmp_path):
     header = ",".join(CSV_COLUMNS)
     cases = {

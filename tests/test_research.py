@@ -110,6 +110,7 @@ def test_evaluate_a_missing_or_foreign_checkpoint_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "not a readable checkpoint" in err
 
 
+@pytest.mark.slow
 def test_visualize_draws_tsne_of_two_models_and_the_confusion_matrix(seed_runs):
     folder = seed_runs.parent
     result = subprocess.run([sys.executable, str(ROOT / "visualize.py"), str(folder / "mcd_seed1.pt"), "--compare",
@@ -134,6 +135,7 @@ def test_visualize_refuses_bad_images_and_a_comparison_across_pairs(seed_runs, t
     assert err.count("\n") == 1 and "different pairs" in err and "usps -> mnist" in err
 
 
+@pytest.mark.slow
 def test_visualize_refuses_a_missing_cuda_and_a_run_still_training(seed_runs, capsys):
     checkpoint = seed_runs.parent / "mcd_seed1.pt"
     if not torch.cuda.is_available():

@@ -194,6 +194,7 @@ def deterministic_reference(digits_root, tmp_path_factory) -> Path:
 KILLED_ITERS = 30  # about a second per epoch of the small network: the kill lands inside epoch 2
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_csv(deterministic_reference, digits_root, tmp_path):
     # Also proves --deterministic reruns identical: the killed run is a second run, its epoch-1 row must match.
     csv_path = tmp_path / "killed.csv"
@@ -213,6 +214,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_csv(deterministic
     assert _results(csv_path) == _results(deterministic_reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_keep_the_last_checkpoint_and_say_how_to_resume(digits_root, tmp_path, signum, code):
     csv_path = tmp_path / "stopped.csv"
@@ -325,6 +327,7 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> Non
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_output_is_refused_until_the_holder_dies(digits_root, tmp_path, capsys):
     csv_path = tmp_path / "busy.csv"
     holder = _start(_args(digits_root, csv_path, *LENET, epochs=100_000))  # killed long before
@@ -372,6 +375,7 @@ except run_control.OutputError as error:
 """
 
 
+@pytest.mark.slow
 def test_every_module_imports_without_fcntl_and_the_lock_still_takes_and_refuses(tmp_path):
     csv_path = tmp_path / "run.csv"
     def start() -> subprocess.Popen:
@@ -397,6 +401,7 @@ def test_every_module_imports_without_fcntl_and_the_lock_still_takes_and_refuses
         taken.communicate("\n", timeout=60)
 
 
+@pytest.mark.slow
 def test_seeds_lock_every_seed_before_the_first_trains(digits_root, tmp_path, capsys):
     csv_path = tmp_path / "seeds.csv"
     holder = _start(_args(digits_root, csv_path, *LENET, "--seeds", "1-2", epochs=100_000))
@@ -441,6 +446,7 @@ def lenet_reference(digits_root, tmp_path_factory) -> Path:
     return csv_path
 
 
+@pytest.mark.slow
 def test_file_size_limit_at_epoch_2_then_resume_gives_the_uninterrupted_csv(lenet_reference, digits_root, tmp_path):
     csv_path = tmp_path / "full.csv"
     args = _args(digits_root, csv_path, *LENET, "--deterministic", epochs=3)
@@ -639,6 +645,7 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("where", "code"), [("last checkpoint", 143), ("final picture", 130)])
 def test_a_signal_during_the_last_writes_finishes_them_and_says_resume(digits_root, tmp_path, where, code):
     csv_path = tmp_path / "late.csv"

@@ -185,6 +185,7 @@ def test_the_signs_pair_trains_end_to_end_with_43_classes(signs_root, tmp_path, 
     assert main_module.main(["--evaluate", str(csv_path.with_suffix(".pt")), "--device", "cpu"]) == 0
 
 
+@pytest.mark.slow
 def test_a_sweep_gives_table_1_its_signs_column(signs_root, tmp_path):
     out = tmp_path / "sweep"
     command = [sys.executable, str(sweep.ROOT / "sweep.py"), "launch", "--out", str(out), "--pairs", "synsig:gtsrb",

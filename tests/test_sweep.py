@@ -65,6 +65,7 @@ def _kill_everything_of(out: Path) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_last_epochs(digits_root, tmp_path, capsys):
     out = tmp_path / "sweep"
     first, second = out / JOBS[0], out / JOBS[1]
@@ -125,6 +126,7 @@ def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_la
     assert (table["mcd"]["n"], table["mcd"]["complete"], table["source_only"]["n"]) == ("3", "True", "2")
 
 
+@pytest.mark.slow
 def test_a_failed_job_shows_its_last_log_line(tmp_path, capsys):
     out = tmp_path / "sweep"
     done = subprocess.run(_launch(tmp_path / "no-data", out, methods=("mcd",)), capture_output=True, text=True,
@@ -213,6 +215,7 @@ def test_main_refuses_a_huge_seed_range_at_once(capsys):
     assert exit_info.value.code == 2 and "seeds must be between" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("gpus", "per_gpu"), [("2", "1"), ("1", "2")])
 def test_two_workers_take_jobs_from_one_queue(digits_root, tmp_path, capsys, gpus, per_gpu):
     out = tmp_path / "sweep"
@@ -237,6 +240,7 @@ def test_two_workers_take_jobs_from_one_queue(digits_root, tmp_path, capsys, gpu
     assert set(_status(out, capsys).values()) == {"done"}
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_whole_sweep_and_each_run_keeps_its_checkpoint(digits_root, tmp_path):
     out = tmp_path / "sweep"
     launcher = subprocess.Popen(_launch(digits_root, out, epochs=50), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
