@@ -18,8 +18,9 @@ host reads, fixed shapes, state changed in place).
 
 This file is the mathematics only. How fast it runs (compilation, memory layout, fused optimisers,
 CUDA graphs) is applied from outside by iteration.speed_up; precision stays here because it changes
-results: bf16 autocast (when configured) for convolutions and matrix products, softmax, cross-entropy
-and d in fp32.
+results: bf16 autocast (when configured) for convolutions and matrix products; softmax, cross-entropy
+and d in fp32 tensors (a matrix product among them, SWD's projection, uses TF32 units on CUDA unless
+--precision is fp32: config.configure_backends).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def discrepancy(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
 def sliced_wasserstein_discrepancy(logits1: torch.Tensor, logits2: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """SWD (Lee et al., CVPR 2019): the two heads' softmax outputs (B, K) are projected on unit directions
     (K, M); each projection is sorted over the batch, so matching sorted values compares the two 1-D
-    distributions (the 1-D Wasserstein-2 coupling); the result is the mean squared difference. fp32."""
+    distributions (the 1-D Wasserstein-2 coupling); the result is the mean squared difference. fp32 tensors;
+    the projection is a matrix product, so with --precision tf32 or bf16 it runs on TF32 units on CUDA."""
     projected1 = (logits1.float().softmax(dim=1) @ directions).sort(dim=0).values  # (B, M)
     projected2 = (logits2.float().softmax(dim=1) @ directions).sort(dim=0).values
     return (projected1 - projected2).pow(2).mean()

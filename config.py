@@ -172,8 +172,11 @@ class Config:
     precision: str = setting("fp32", "fp32 is exact (TF32 off); tf32 uses TF32 matrix units; bf16 autocasts "
                              "convolutions and matrix products, losses stay fp32", "speed", result=True,
                              choices=("auto", *PRECISIONS), auto="bf16 on CUDA, fp32 elsewhere and with --protocol original")
-    cuda_graph: bool = setting(False, "capture the whole training iteration once as a CUDA graph and replay it",
-                               "speed", parse=switch, auto="on for CUDA")
+    cuda_graph: bool = setting(False, "capture the whole training iteration once as a CUDA graph and replay it, after "
+                               "checking that a replay computes what the eager iteration computes (auto: eager when "
+                               "the check fails; on: an error)", "speed", parse=switch, auto="on for CUDA")
+    graph_strict: bool = setting(False, "--cuda-graph on was given: a CUDA graph that fails its check is an error",
+                                 "speed", flag="")  # no flag of its own: resolve() sets it
     compile: bool = setting(False, "torch.compile the training forward passes of the networks", "speed",
                             parse=switch, auto="off")
     channels_last: bool = setting(False, "NHWC images and convolution weights", "speed", parse=switch,
@@ -230,6 +233,7 @@ def resolve(given: dict[str, Any]) -> Config:
     cuda = device.startswith("cuda")
     values = {**protocol_values(given.get("protocol", "default"), given.get("source", Config.source),
                                 given.get("target", Config.target)), **given, "device": device}
+    values["graph_strict"] = given.get("cuda_graph") is True
     values.setdefault("precision", "bf16" if cuda else "fp32")
     for name, on_cuda in AUTO_ON_CUDA.items():
         values.setdefault(name, cuda and on_cuda)
@@ -252,8 +256,9 @@ def resolve(given: dict[str, Any]) -> Config:
 
 
 def configure_backends(config: Config) -> None:
-    """Process-wide numerics for this run: TF32 only when precision allows it, cuDNN autotuning on CUDA
-    unless the run must be deterministic."""
+    """Process-wide numerics for this run: TF32 only when precision allows it (tf32, bf16: then every fp32
+    matrix product and convolution on CUDA uses TF32 units, SWD's projection and the SND validator's
+    similarities included), cuDNN autotuning on CUDA unless the run must be deterministic."""
     tf32 = config.precision != "fp32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32

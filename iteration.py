@@ -11,13 +11,15 @@ the device and reads them back only through asynchronous copies (HostCopy) and o
 
 from __future__ import annotations
 
+import sys
 import time
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from algorithms import SourceOnly
-from config import Config, synchronize
+from config import Config
 from datasets import DigitsSplit, to_model_input
 
 
@@ -123,32 +125,130 @@ def finite_weights(model: SourceOnly) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+class CaptureFailed(Exception):
+    """The CUDA graph could not be used and --cuda-graph on was given explicitly (otherwise: eager, and why)."""
+
+
+class CudaGraphs:
+    """How TrainStep captures and replays on CUDA. Tests inject a backend with the same three methods to
+    emulate a capture, a capture that raises, or a replay that computes something else."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stream = device, torch.cuda.Stream(device)
+
+    def eager(self, fn: Callable[[], dict], strict: bool = False) -> dict:
+        """fn() on the side stream (as the capture will see it); strict: a host sync inside raises."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        previous = torch.cuda.get_sync_debug_mode()
+        try:
+            if strict:
+                torch.cuda.set_sync_debug_mode("error")
+            with torch.cuda.stream(self.stream):
+                result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        current.wait_stream(self.stream)
+        return result
+
+    def capture(self, fn: Callable[[], dict]) -> tuple[Callable[[], None], dict]:
+        """(replay, the static outputs it refreshes). Capturing runs nothing. After a failed capture the
+        graph's memory pool is released and the device synchronised; a stream still capturing cannot be
+        recovered (the caller stops)."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the checkpoint writer thread waits on a CUDA event (CheckpointWriter._write); in
+            # the default global mode such a call from another thread during the capture invalidates it.
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                outputs = fn()
+        except Exception:
+            graph.reset()
+            torch.cuda.synchronize(self.device)
+            if torch.cuda.is_current_stream_capturing():
+                raise CaptureFailed("the CUDA stream is still capturing after a failed capture; rerun with "
+                                    "--cuda-graph off") from None
+            raise
+        return graph.replay, outputs
+
+    def rng_state(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device)
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.cuda.set_rng_state(state, self.device)
+
+
+def _state(method: SourceOnly) -> dict[str, torch.Tensor]:
+    """Every tensor an iteration changes: the method's state_dict and every optimiser's state, by name."""
+    tensors = dict(method.state_dict())
+    for name, optimizer in method.optimizers.items():
+        for index, state in enumerate(optimizer.state.values()):
+            tensors.update({f"{name}.{index}.{key}": value for key, value in state.items() if torch.is_tensor(value)})
+    return tensors
+
+
+def _counters(method: SourceOnly) -> torch.Tensor:
+    """Adam's step count of each parameter group's first parameter, and BatchNorm's batches seen, summed:
+    how far training has gone, on the device."""
+    values = [optimizer.state[group["params"][0]]["step"].reshape(()).double()
+              for optimizer in method.optimizers.values() for group in optimizer.param_groups
+              if group["params"][0] in optimizer.state]
+    values += [buffer.reshape(()).double() for name, buffer in method.named_buffers() if name.endswith("num_batches_tracked")]
+    return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64)
+
+
+def replay_problem(before: dict[str, torch.Tensor], eager: dict[str, torch.Tensor], replayed: dict[str, torch.Tensor],
+                   eager_losses: dict[str, torch.Tensor], replay_losses: dict[str, torch.Tensor]) -> str | None:
+    """Why a replay did not compute the iteration the eager code computed from the same state and batch,
+    or None. Floating-point tensors may differ by rounding: by at most 5% of that iteration's own change
+    plus 1e-3 of their size; integer ones (step counts, batches seen) and the losses' names must match."""
+    if eager_losses.keys() != replay_losses.keys():
+        return f"the losses {sorted(replay_losses)} are not {sorted(eager_losses)}"
+    for name, value in eager_losses.items():
+        if not torch.allclose(replay_losses[name].float(), value.float(), rtol=2e-2, atol=1e-4):
+            return f"{name} {float(replay_losses[name]):.6g} after the replay, {float(value):.6g} eager"
+    for name, value in eager.items():
+        other = replayed[name]
+        if not value.is_floating_point() or name.endswith(".step"):  # counts: exactly
+            if not torch.equal(other, value):
+                return f"{name} is {other.tolist()} after the replay, {value.tolist()} eager"
+            continue
+        change = (value.float() - before[name].float()).abs()
+        if ((other.float() - value.float()).abs() > 0.05 * change + 1e-3 * value.float().abs().mean() + 1e-7).any():
+            return f"{name} differs from the eager iteration's beyond rounding"
+    return None
+
+
 class TrainStep:
     """One training iteration from two (B,) index batches: gather the images on the device, method.update.
 
     With config.cuda_graph the first WARMUP iterations run eagerly on a side stream (cuDNN autotuning,
-    compilation, the optimisers' lazy state), the next is captured into a CUDA graph, and from then on an
-    iteration is two index copies into the captured buffers and one replay: no Python, no launch gaps.
+    compilation, the optimisers' lazy state); the next is checked and captured (_capture) and from then on
+    an iteration is two index copies into the captured buffers and one replay: no Python, no launch gaps.
     Every iteration, the captured ones included, is a real training step; dropout masks still change
     each replay (PyTorch advances the graph's RNG offset), and the losses come back in static tensors.
 
-    What update() may do, to be capturable (the one place this is written down): only work queued on
-    the device: no host reads (.item(), bool() or print of a tensor, .cpu()), no shapes or control flow
-    that depend on tensor values, no new CPU tensors fed to the device; state that changes from one
-    iteration to the next (step counters, schedules) lives in device tensors changed in place; random
-    draws only from torch's generators. The optimisers are made capturable by speed_up.
+    What update() may do, to be capturable (the one place this is written down; tests/test_capture.py
+    enforces it on the CPU for every registered method): only work queued on the device: no host reads
+    (.item(), bool() or print of a tensor, .cpu()), no shapes or control flow that depend on tensor values,
+    no new tensors from Python data; state that changes from one iteration to the next (step counters,
+    schedules) lives in device tensors changed in place; random draws only from torch's generators. The
+    optimisers are made capturable by speed_up.
+
+    `path` says how iterations run ("eager", "CUDA graph") and `fallback` why a CUDA graph was given up.
     """
 
     WARMUP = 3
 
-    def __init__(self, method: SourceOnly, source: DigitsSplit, target: DigitsSplit, config: Config):
+    def __init__(self, method: SourceOnly, source: DigitsSplit, target: DigitsSplit, config: Config,
+                 graphs: CudaGraphs | None = None):
         self.method, self.source, self.target = method, source, target
-        self.cuda_graph, self.channels_last = config.cuda_graph, config.channels_last
-        self.calls = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.capture_seconds = 0.0
-        if self.cuda_graph:
-            self.side_stream = torch.cuda.Stream(method.device)
+        self.channels_last, self.strict = config.channels_last, config.graph_strict
+        self.graphs = graphs or (CudaGraphs(method.device) if config.cuda_graph else None)
+        self.path, self.fallback = ("CUDA graph" if self.graphs else "eager"), ""
+        self.calls, self.capture_seconds = 0, 0.0
+        self.replay: Callable[[], None] | None = None
+        self.counted: tuple[torch.Tensor, int] | None = None  # (counters, calls) after call 1, then each verify()
+        self.per_call: torch.Tensor | None = None  # how far one iteration moves the counters
 
     def batch(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(xs, ys, xt): images in [-1, 1] (B, C, H, W) in the weights' memory format, source labels (B,).
@@ -161,31 +261,83 @@ class TrainStep:
     def __call__(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """One iteration; returns its on-device losses."""
         self.calls += 1
-        if not self.cuda_graph:
-            return self.method.update(*self.batch(s, t))
-        if self.graph is None and self.calls <= self.WARMUP:
-            current = torch.cuda.current_stream(self.method.device)
-            self.side_stream.wait_stream(current)
-            with torch.cuda.stream(self.side_stream):
-                losses = self.method.update(*self.batch(s, t))
-            current.wait_stream(self.side_stream)
-            return losses
-        if self.graph is None:
-            self._capture(s, t)
-        self.static_s.copy_(s)
-        self.static_t.copy_(t)
-        self.graph.replay()
+        if self.replay is not None:
+            self.static_s.copy_(s)
+            self.static_t.copy_(t)
+            self.replay()
+            return self.static_losses
+        if self.graphs is None:
+            losses = self.method.update(*self.batch(s, t))
+        elif self.calls <= self.WARMUP:
+            losses = self.graphs.eager(lambda: self.method.update(*self.batch(s, t)))
+        else:
+            losses = self._capture(s, t)
+        if self.calls == 1:  # the optimisers' state exists from here on
+            self.counted = (_counters(self.method), 1)
+        elif self.calls == 2:
+            self.per_call = _counters(self.method) - self.counted[0]
+        return losses
+
+    def _capture(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This iteration, checked: eager (a hidden host sync raises), then the state and random generator
+        put back, captured, replayed on the same batch and compared with the eager result. A replay that
+        agrees stands; otherwise the eager result is put back and training goes on eagerly (or, with
+        --cuda-graph on given, stops). Either way the iteration counts once."""
+        start = time.perf_counter()
+        before, rng = {name: value.clone() for name, value in _state(self.method).items()}, self.graphs.rng_state()
+        try:
+            eager_losses = self.graphs.eager(lambda: self.method.update(*self.batch(s, t)), strict=True)
+        except RuntimeError as error:  # a host synchronisation inside update(): put the state back, go on eagerly
+            self._put_back(before, rng)
+            return self._give_up(f"update() synchronises with the host ({str(error).splitlines()[0]})", s, t)
+        eager_losses = {name: value.clone() for name, value in eager_losses.items()}
+        eager, eager_rng = {name: value.clone() for name, value in _state(self.method).items()}, self.graphs.rng_state()
+        self._put_back(before, rng)
+        self.static_s, self.static_t = s.clone(), t.clone()
+        try:
+            replay, self.static_losses = self.graphs.capture(lambda: self.method.update(*self.batch(self.static_s,
+                                                                                                   self.static_t)))
+            replay()
+        except CaptureFailed:
+            raise
+        except Exception as error:  # the capture itself failed: the eager result stands
+            self._put_back(eager, eager_rng)
+            return self._give_up(f"the capture failed ({type(error).__name__}: {str(error).splitlines()[0][:160]})",
+                                 eager_losses=eager_losses)
+        problem = replay_problem(before, eager, _state(self.method), eager_losses, self.static_losses)
+        if problem is None and not torch.equal(self.graphs.rng_state(), eager_rng):
+            problem = "the replay drew other random numbers than the eager iteration"
+        if problem is not None:
+            self._put_back(eager, eager_rng)
+            return self._give_up(f"the self-check failed: {problem}", eager_losses=eager_losses)
+        self.replay, self.capture_seconds = replay, time.perf_counter() - start
         return self.static_losses
 
-    def _capture(self, s: torch.Tensor, t: torch.Tensor) -> None:
-        """Record one iteration (capturing runs nothing: the replay that follows is this iteration)."""
-        start = time.perf_counter()
-        self.static_s, self.static_t = s.clone(), t.clone()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the checkpoint writer thread waits on a CUDA event (CheckpointWriter._write); in
-        # the default global mode such a call from another thread during the capture invalidates it.
-        with torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"):
-            self.static_losses = self.method.update(*self.batch(self.static_s, self.static_t))
-        self.graph = graph
-        synchronize(self.method.device)
-        self.capture_seconds = time.perf_counter() - start
+    def _put_back(self, state: dict[str, torch.Tensor], rng: torch.Tensor) -> None:
+        for name, value in _state(self.method).items():
+            value.copy_(state[name])
+        self.graphs.set_rng_state(rng)
+
+    def _give_up(self, reason: str, s: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                 eager_losses: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Eager from here on (this iteration too, unless its eager result is already in place)."""
+        if self.strict:
+            raise CaptureFailed(f"--cuda-graph on: {reason}")
+        self.graphs, self.path, self.fallback = None, "eager", reason
+        print(f"warning: CUDA graph not used: {reason}; training goes on eagerly (--cuda-graph on makes this an error)",
+              file=sys.stderr)
+        return self.method.update(*self.batch(s, t)) if eager_losses is None else eager_losses
+
+    def verify(self) -> None:
+        """At the end of an epoch: the optimisers' step counts and BatchNorm's batches moved by exactly one
+        iteration's worth per call since the last check (one host read). A graph that did not run, or ran
+        twice, raises CaptureFailed."""
+        if self.counted is None or self.per_call is None:
+            return
+        now, (then, calls) = _counters(self.method), self.counted
+        expected = then + self.per_call * (self.calls - calls)
+        if not torch.equal(now, expected):
+            raise CaptureFailed(f"training counters moved by {(now - then).tolist()} over {self.calls - calls} "
+                                f"iterations, not {(self.per_call * (self.calls - calls)).tolist()}: the {self.path} "
+                                "did not run each iteration exactly once; rerun with --cuda-graph off")
+        self.counted = (now, self.calls)

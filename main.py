@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for setting in settings():
         meta = setting.metadata
+        if meta["flag"] == "":  # set by resolve(), not a flag
+            continue
         group, flag = groups[meta["group"]], flag_name(setting)
         shown = f"{meta['help']} (default: {_default_text(setting)})"
         if isinstance(setting.default, bool) and meta["parse"] is None:  # a plain on-off flag

@@ -348,14 +348,17 @@ class RunFiles:
             print(f"{self.csv} already holds all {self.config.epochs} epochs; raise --epochs to train further")
 
     def save_epoch(self, row: dict, method: SourceOnly, streams: tuple[BatchStream, BatchStream],
-                   files: list[DataFile]) -> None:
-        """The epoch's checkpoint, then its CSV row, written in the background (the two always agree)."""
+                   files: list[DataFile], iteration: dict) -> None:
+        """The epoch's checkpoint, then its CSV row, written in the background (the two always agree);
+        `iteration` (how iterations ran, and why a CUDA graph was given up) goes into results.json."""
         unknown = set(row) - set(csv_columns(method.LOSSES))
         if unknown:  # never dropped silently
             raise ValueError(f"{type(method).__name__}.update returned {sorted(unknown)}, which its LOSSES "
                              f"{method.LOSSES} (the CSV's loss columns) do not name")
         payload = checkpoint_payload(self.config, method, streams, files, self.rows + [row], self.resumed_at,
                                      self.made_by)
+        self.writer.wait()  # the record is the writer thread's until its last write is done
+        self.writer.results.record["iteration"] = iteration
         self.writer.submit(payload, row)
         self.rows.append(row)
         if self.board is not None:

@@ -30,7 +30,7 @@ from checkpoint import checkpoint_path, checkpoint_data, load_checkpoint, model_
 from config import Config, configure_backends, device_name, seed_everything, speed_label, synchronize
 from datasets import BatchStream, Digits, load_digits
 from figures import picture_path
-from iteration import EpochLosses, NonFiniteLoss, TrainStep, finite_weights, speed_up
+from iteration import CaptureFailed, EpochLosses, NonFiniteLoss, TrainStep, finite_weights, speed_up
 from results import (seed_csv, selection_path, summarize, summary_line, summary_path, summary_table, write_json,
                      write_rows, write_summary)
 from run_control import (Interrupted, RunFiles, RunStopped, SignalGuard, check_seed_outputs, refuse_if_training,
@@ -101,8 +101,11 @@ def train(config: Config, command: list[str] | None = None) -> list[dict[str, fl
                 for _ in bar:
                     losses.add(step(source.next(), target.next()))  # two (B,) index batches -> on-device losses
                 means = losses.means()  # one host read per epoch
+                step.verify()  # every iteration ran exactly once (a CUDA graph that did not replay would not)
             except NonFiniteLoss as error:
                 raise run.stopped(f"non-finite loss in epoch {epoch}, iteration {error.iteration}") from error
+            except CaptureFailed as error:
+                raise run.stopped(str(error), exit_code=2, advice="--cuda-graph auto goes on eagerly instead") from error
             finally:
                 bar.close()
             synchronize(device)
@@ -117,7 +120,7 @@ def train(config: Config, command: list[str] | None = None) -> list[dict[str, fl
                 **dict.fromkeys(method.LOSSES), **means,
                 **evaluate_all(method, data, config.eval_batch_size, validation_images),
             }
-            run.save_epoch(row, method, (source, target), data.files)
+            run.save_epoch(row, method, (source, target), data.files, {"path": step.path, "fallback": step.fallback})
             print(summary_line(row, config.epochs, method.LOSSES))
         run.finish(method, data)
     if epoch_seconds:

@@ -51,7 +51,8 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 def soft_neighbourhood_density(p: torch.Tensor, temperature: float = SND_TEMPERATURE, chunk: int = 1024) -> torch.Tensor:
     """SND: the mean entropy of each prediction's softmax similarity to every other one (L2-normalised
-    predictions, cosine similarity / temperature, itself excluded); rows in chunks: never N x N at once."""
+    predictions, cosine similarity / temperature, itself excluded); rows in chunks: never N x N at once.
+    fp32 tensors; the similarities are a matrix product, on TF32 units on CUDA unless --precision is fp32."""
     q = F.normalize(p, dim=1)
     total = p.new_zeros(())
     for start in range(0, len(q), chunk):

@@ -14,8 +14,10 @@ capturable; on the CPU, Adam reads its step count on the host).
 
 from __future__ import annotations
 
+import json
 import random
 from contextlib import ExitStack
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,8 +25,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import iteration
 from algorithms import ALGORITHMS, DISCREPANCIES, MCD, SourceOnly
 from config import Config
+from datasets import DigitsSplit
+from iteration import CaptureFailed, TrainStep
+from train import train
 
 CPU = torch.device("cpu")
 HOST_READS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::item"}
@@ -182,3 +188,147 @@ def test_capture_contract_catches_a_rebound_state_tensor_python_data_and_python_
     python = capture_contract_violations(PythonData(Config(network="usps"), 10, CPU, 100), _batch())
     assert any("tensor made from Python data (aten::lift_fresh)" in p for p in python), python
     assert any("numpy or Python random numbers drawn" in p for p in python), python
+
+
+# ---------------------------------------------------------------------------------------------------
+# The first capture checks itself, and a failure falls back to eager (CUDA emulated on the CPU)
+
+
+class EmulatedGraphs:
+    """iteration.CudaGraphs' part, on the CPU: 'capturing' runs nothing, a replay runs the function again
+    into the same output tensors, the random generator is the CPU's."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.replays = 0
+
+    def eager(self, fn, strict: bool = False):
+        return fn()
+
+    def capture(self, fn):
+        outputs: dict[str, torch.Tensor] = {}
+
+        def replay():
+            self.replays += 1
+            for name, value in self.run(fn).items():
+                outputs.setdefault(name, torch.empty_like(value)).copy_(value)
+        return replay, outputs
+
+    def run(self, fn):
+        return fn()
+
+    def rng_state(self):
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state):
+        torch.set_rng_state(state)
+
+
+class SkipsGsUpdate(EmulatedGraphs):
+    """A replay that computes something else: G's optimiser does not step."""
+
+    method: SourceOnly
+
+    def run(self, fn):
+        self.method.opt_g.step = lambda *args, **kwargs: None
+        try:
+            return fn()
+        finally:
+            del self.method.opt_g.step
+
+
+class CaptureRaises(EmulatedGraphs):
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+class SyncsInUpdate(EmulatedGraphs):
+    def eager(self, fn, strict: bool = False):
+        if strict:
+            fn()  # half an iteration's worth of state changes before the sync is found
+            raise RuntimeError("called a synchronizing CUDA operation")
+        return fn()
+
+
+class StopsReplaying(EmulatedGraphs):
+    """Right at the check, then silently no more (a graph that no longer runs)."""
+
+    def run(self, fn):
+        return fn() if self.replays == 1 else {name: torch.zeros(()) for name in ("loss_source",)}
+
+
+def _train(graphs: EmulatedGraphs | None, iterations: int = 6, strict: bool = False):
+    """`iterations` MCD steps on the LeNet network from seed 0, with `graphs` as the CUDA graph backend
+    (None: plain eager); the step and the method's whole state afterwards."""
+    torch.manual_seed(0)
+    config = Config(network="usps", num_k=2, cuda_graph=graphs is not None, graph_strict=strict)
+    method = MCD(config, 10, CPU, 100)
+    method.train()
+    if graphs is not None:
+        graphs.method = method
+    g = torch.Generator().manual_seed(1)
+    split = DigitsSplit(torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (32,), generator=g))
+    step = TrainStep(method, split, split, config, graphs=graphs)
+    losses = [{name: value.clone() for name, value in step(torch.arange(8) + i, torch.arange(8) + 2 * i).items()}
+              for i in range(iterations)]
+    return step, method, losses
+
+
+def _same_training(a: tuple, b: tuple) -> None:
+    (_, method_a, losses_a), (_, method_b, losses_b) = a, b
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(losses_a, losses_b, strict=True) for k in x)
+    for (name, x), y in zip(method_a.state_dict().items(), method_b.state_dict().values()):
+        assert torch.equal(x, y), name
+    for name in method_a.optimizers:
+        for x, y in zip(method_a.optimizers[name].state.values(), method_b.optimizers[name].state.values()):
+            assert all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_a_faithful_capture_passes_its_check_and_the_checked_iteration_counts_once():
+    eager = _train(None)
+    graphed = _train(EmulatedGraphs())
+    step = graphed[0]
+    assert step.path == "CUDA graph" and step.fallback == "" and step.replay is not None
+    assert step.graphs.replays == 6 - TrainStep.WARMUP  # the check's replay is iteration 4; then 5 and 6
+    _same_training(eager, graphed)  # bit for bit: the check left exactly one iteration's worth
+    step.verify()
+
+
+@pytest.mark.parametrize(("backend", "shown"), [
+    (SkipsGsUpdate, "the self-check failed: G."),
+    (CaptureRaises, "the capture failed (RuntimeError: operation not permitted when stream is capturing)"),
+    (SyncsInUpdate, "update() synchronises with the host (called a synchronizing CUDA operation)"),
+])
+def test_a_failed_check_falls_back_to_eager_says_why_once_and_loses_nothing(backend, shown, capsys):
+    eager = _train(None)
+    fallen = _train(backend())
+    step = fallen[0]
+    assert step.path == "eager" and shown in step.fallback and step.replay is None
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "CUDA graph not used" in line]
+    assert len(warnings) == 1 and shown in warnings[0] and "--cuda-graph on makes this an error" in warnings[0]
+    _same_training(eager, fallen)  # the failed check's iteration counted once, eagerly
+    step.verify()
+
+
+def test_with_cuda_graph_on_given_a_failed_check_is_an_error():
+    with pytest.raises(CaptureFailed, match="--cuda-graph on: the self-check failed"):
+        _train(SkipsGsUpdate(), strict=True)
+
+
+def test_a_graph_that_stops_running_is_caught_at_the_end_of_the_epoch():
+    step, _, _ = _train(StopsReplaying())
+    assert step.path == "CUDA graph"  # the check itself passed
+    with pytest.raises(CaptureFailed, match="did not run each iteration exactly once"):
+        step.verify()
+
+
+def test_results_json_names_the_path_used_and_why(digits_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(iteration, "CudaGraphs", lambda device: CaptureRaises())  # as train.py builds it
+    config = Config(data_root=str(digits_root), allow_unverified_data=True, download=False, source="mnist",
+                    target="usps", network="usps", epochs=1, iters_per_epoch=5, batch_size=8, num_k=1,
+                    cuda_graph=True, csv=str(tmp_path / "r.csv"))
+    train(config)
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["iteration"] == {"path": "eager", "fallback": "the capture failed (RuntimeError: operation not "
+                                                                  "permitted when stream is capturing)"}
+    train(replace(config, cuda_graph=False, csv=str(tmp_path / "plain.csv")))
+    assert json.loads((tmp_path / "plain.json").read_text())["iteration"] == {"path": "eager", "fallback": ""}

@@ -765,3 +765,19 @@ def test_outside_a_git_checkout_the_code_version_is_a_hash_of_the_python_files(m
     version = results.code_version()
     assert set(version) == {"files_sha256"} and len(version["files_sha256"]) == 64
     assert version == results.code_version()
+
+
+def test_resume_with_the_other_memory_layout_gives_the_optimiser_state_its_parameters_layout(digits_root, tmp_path):
+    # load_state_dict converts dtype and device but not strides; the fused CUDA Adam refuses moments laid out
+    # otherwise than their parameter, so every state tensor takes its parameter's layout on loading.
+    csv_path = tmp_path / "layout.csv"
+    assert main_module.main(_args(digits_root, csv_path, "--channels-last", "off", epochs=1)) == 0
+    assert main_module.main(_args(digits_root, csv_path, "--channels-last", "on", "--resume", epochs=2)) == 0
+    checkpoint = load_checkpoint(csv_path.with_suffix(".pt"))
+    weight = checkpoint["models"]["G.net.4.weight"]  # the 32 -> 48 convolution (G's fifth parameter)
+    moments = checkpoint["optimizers"]["G"]["state"][4]
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert moments["exp_avg"].stride() == moments["exp_avg_sq"].stride() == weight.stride()
+    assert main_module.main(_args(digits_root, csv_path, "--channels-last", "off", "--resume", epochs=3)) == 0
+    moments = load_checkpoint(csv_path.with_suffix(".pt"))["optimizers"]["G"]["state"][4]
+    assert moments["exp_avg"].is_contiguous() and moments["exp_avg_sq"].is_contiguous()
