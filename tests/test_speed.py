@@ -246,6 +246,18 @@ def test_cuda_graph_replays_the_same_training_steps(method, rel_later):
 
 
 @needs_cuda
+@pytest.mark.parametrize("method", list(ALGORITHMS))
+def test_cuda_default_path_passes_its_self_check_and_follows_eager_for_every_method(method):
+    # The default CUDA path (bf16, channels_last, CUDA graph) against the same settings eager, step by step.
+    default = Config(method=method, batch_size=32, device="cuda", precision="bf16", channels_last=True)
+    eager, _, _ = _run_iterations(default, 8, batch_size=32)
+    graphed, _, step = _run_iterations(replace(default, cuda_graph=True), 8, batch_size=32)
+    assert step.path == "CUDA graph", step.fallback
+    _close(eager, graphed, rel_first=2e-2, rel_later=5e-2)
+    step.verify()
+
+
+@needs_cuda
 def test_cuda_bf16_graph_follows_fp32():
     exact, _, _ = _run_iterations(Config(batch_size=64, device="cuda", cuda_graph=True), 6, batch_size=64)
     fast, _, _ = _run_iterations(Config(batch_size=64, device="cuda", cuda_graph=True, precision="bf16"), 6, batch_size=64)
