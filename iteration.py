@@ -301,7 +301,11 @@ class TrainStep:
         except CaptureFailed:
             raise
         except Exception as error:  # the capture itself failed: the eager result stands
-            self._put_back(eager, eager_rng)
+            try:
+                self._put_back(eager, eager_rng)
+            except Exception as unrecoverable:  # e.g. the generator still marked as capturing
+                raise CaptureFailed(f"a failed CUDA graph capture ({error}) left the device unusable "
+                                    f"({unrecoverable}); rerun with --cuda-graph off") from error
             return self._give_up(f"the capture failed ({type(error).__name__}: {str(error).splitlines()[0][:160]})",
                                  eager_losses=eager_losses)
         problem = replay_problem(before, eager, _state(self.method), eager_losses, self.static_losses)

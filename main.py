@@ -24,6 +24,9 @@ from run_control import RunStopped
 from train import evaluate_checkpoint, run_seeds, train
 
 
+MAX_SEEDS = 10_000  # one command's seeds: far more than a table needs, far fewer than memory allows
+
+
 def seed_range(text: str) -> list[int]:
     """'3' -> [3]; '1-5' -> [1, 2, 3, 4, 5]; bounds checked before any list is made."""
     first, dash, last = text.partition("-")
@@ -35,6 +38,8 @@ def seed_range(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is an empty range")
     if not 0 <= low <= high <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"{text!r}: seeds must be between 0 and {MAX_SEED}")
+    if high - low >= MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {MAX_SEEDS:,} seeds in one command")
     return list(range(low, high + 1))
 
 
@@ -142,6 +147,8 @@ def flag_table() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8 is printed escaped, never a traceback
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     config = build_config(args, parser)

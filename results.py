@@ -25,6 +25,7 @@ import platform
 import shlex
 import statistics
 import subprocess
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -354,3 +355,70 @@ def write_table(out: Path, cells: list[dict]) -> list[str]:
                              f"{statistics.stdev(values):.4f}" if len(values) > 1 else "", len(values),
                              cell["expected"], len(values) == cell["expected"], cell["made_with"]])
     return lines
+
+
+class TensorBoardRun:
+    """A run's curves in FOLDER as one TensorBoard event file, written synchronously in tensorboard's own
+    record format (no writer thread, so a failed write is an OSError here, never a thread's traceback).
+    It is rewritten whole from the run's rows when the run starts, so after a kill, a failed write or a
+    resume each epoch is in it exactly once; then one epoch at a time, flushed; the settings as hparams at
+    the end. FOLDER/run.json names the run (its CSV) that owns the folder."""
+
+    OWNER = "run.json"
+
+    def __init__(self, folder: Path, csv_path: Path, rows: list[dict], losses: tuple[str, ...]):
+        from tensorboard.summary.writer.record_writer import RecordWriter  # tensorboard only when asked for
+
+        self.folder, self.losses = folder, losses
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("events.out.tfevents.*"):
+            old.unlink()
+        write_json(folder / self.OWNER, {"csv": str(csv_path.absolute())})
+        self.file = open(folder / f"events.out.tfevents.{time.time():.0f}.{platform.node()}.{os.getpid()}", "wb")
+        self.records = RecordWriter(self.file)
+        self._write(file_version="brain.Event:2")
+        for row in rows:
+            self.add_epoch(row, flush=False)
+        self._flush()
+
+    @classmethod
+    def owner(cls, folder: Path) -> str | None:
+        """The CSV of the run whose curves FOLDER holds (None: nobody's yet, or unreadable)."""
+        try:
+            return json.loads((folder / cls.OWNER).read_text())["csv"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write(self, step: int = 0, **fields) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        self.records.write(Event(wall_time=time.time(), step=step, **fields).SerializeToString())
+
+    def _flush(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def add_epoch(self, row: dict, flush: bool = True) -> None:
+        """The row's losses, accuracies, label-free scores and progress as scalars at step = epoch."""
+        from torch.utils.tensorboard.summary import scalar
+
+        for name, value in row.items():
+            if name != "epoch" and value is not None:
+                kind = ("loss" if name in self.losses else "validator" if name in VALIDATION_COLUMNS
+                        else "accuracy" if "acc" in name else "progress")
+                self._write(row["epoch"], summary=scalar(f"{kind}/{name}", value))
+        if flush:
+            self._flush()
+
+    def add_hparams(self, settings: dict, metrics: dict[str, float]) -> None:
+        from torch.utils.tensorboard.summary import hparams, scalar
+
+        plain = {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in settings.items()}
+        for summary in hparams(plain, metrics):
+            self._write(summary=summary)
+        for name, value in metrics.items():
+            self._write(summary=scalar(name, value))
+        self._flush()
+
+    def close(self) -> None:
+        self.file.close()

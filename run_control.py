@@ -25,14 +25,14 @@ from typing import Callable, Iterator
 
 import filelock
 
-from algorithms import SourceOnly
+from algorithms import ALGORITHMS, SourceOnly
 from checkpoint import (CheckpointWriter, check_resumable, checkpoint_path, checkpoint_payload,
                         load_checkpoint, restore_run)
 from config import Config, result_settings
 from datasets import BatchStream, DataFile, Digits
 from figures import picture_path, save_confusion
-from results import (OutputError, ResultsWriter, csv_columns, provenance, provenance_changes, record_path, run_record,
-                     selection_path, summary_path, write_rows, writing)
+from results import (OutputError, ResultsWriter, TensorBoardRun, csv_columns, failure_cause, provenance,
+                     provenance_changes, record_path, run_record, selection_path, summary_path, write_rows, writing)
 import validators
 
 
@@ -58,6 +58,7 @@ def check_output(config: Config) -> None:
     if len(os.fsencode(longest)) > limit:
         raise OutputError(f"--csv {csv_path}: the name is too long for the files written beside it ({longest} has "
                           f"{len(os.fsencode(longest))} bytes, the file system allows {limit}); choose a shorter name")
+    _refuse_another_runs_names(csv_path)
     checkpoint = checkpoint_path(csv_path)
     outputs = (csv_path, record_path(csv_path), checkpoint)
     for path in outputs:
@@ -79,10 +80,33 @@ def check_output(config: Config) -> None:
         raise OutputError(f"--csv {csv_path}: {existing[0]} already exists; {fix}")
 
 
+DERIVED = ("_selection", "_summary", "_selection_summary")  # STEM + each: CSVs a run writes beside its own
+
+
+def _is_a_run(csv_path: Path) -> bool:
+    """Whether csv_path is the CSV of a run of main.py: its checkpoint or record is beside it."""
+    return checkpoint_path(csv_path).exists() or record_path(csv_path).exists()
+
+
+def _refuse_another_runs_names(csv_path: Path) -> None:
+    """A run's derived files (STEM_selection.csv, STEM_summary.csv, ...) never replace another run's
+    results, and its CSV is never another run's derived file."""
+    for suffix in DERIVED:
+        derived = csv_path.with_name(csv_path.stem + suffix + csv_path.suffix)
+        if _is_a_run(derived):
+            raise OutputError(f"--csv {csv_path}: {derived}, a file this run writes, holds another run's results "
+                              f"(its checkpoint or record is beside it); choose another --csv name")
+        if csv_path.stem.endswith(suffix) and _is_a_run(base := csv_path.with_name(csv_path.stem.removesuffix(suffix)
+                                                                                   + csv_path.suffix)):
+            raise OutputError(f"--csv {csv_path} is a file that the run {base} writes ({suffix[1:].replace('_', ' ')}); "
+                              "choose another --csv name")
+
+
 def check_seed_outputs(config: Config, seeds: list[Config]) -> None:
     """--seeds: every seed's output is checked before the first seed trains. With --resume a seed goes
     on from its checkpoint (whose settings must match) or, having none, starts afresh; but a seed whose
     CSV holds epochs without a checkpoint is refused: finished results are never replaced silently."""
+    _refuse_another_runs_names(Path(config.csv))
     summary = summary_path(Path(config.csv))
     if summary.exists() and not (config.resume or config.overwrite):
         raise OutputError(f"--csv {config.csv}: {summary} already exists; add --resume to continue those seeds "
@@ -263,9 +287,11 @@ class RunStopped(Exception):
 
 class SignalGuard:
     """SIGINT and SIGTERM stop training at once, as Interrupted. Handlers are installed only in the main
-    thread (Python allows no other) and the previous ones are restored on exit."""
+    thread (Python allows no other) and the previous ones are restored on exit. Inside deferring(),
+    signals are noted instead, so that the last writes of a run are finished however many arrive."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    deferred: list[int] | None = None  # the signals noted while deferring, else None
 
     def __enter__(self) -> "SignalGuard":
         self.previous = {}
@@ -279,7 +305,19 @@ class SignalGuard:
 
     @staticmethod
     def _handle(signum: int, frame) -> None:
+        if SignalGuard.deferred is not None:
+            SignalGuard.deferred.append(signum)
+            return
         raise Interrupted(signum)
+
+    @classmethod
+    @contextlib.contextmanager
+    def deferring(cls) -> Iterator[list[int]]:
+        previous, cls.deferred = cls.deferred, []
+        try:
+            yield cls.deferred
+        finally:
+            cls.deferred = previous
 
 
 def save_target_confusion(model: SourceOnly, data: Digits, out: Path, title: str, chunk_size: int) -> None:
@@ -321,7 +359,7 @@ class RunFiles:
                 self.rows = list(self.checkpoint["rows"])
                 self.resumed_at = self.checkpoint["resumed_at"] + [self.checkpoint["epoch"]]
             if self.config.tensorboard:  # before any file of the run is written
-                self.board = self._tensorboard()
+                self.board = self._tensorboard(entering)
             self._held = entering.pop_all()
         return self
 
@@ -362,12 +400,7 @@ class RunFiles:
         self.writer.submit(payload, row)
         self.rows.append(row)
         if self.board is not None:
-            for name, value in row.items():
-                if name != "epoch" and value is not None:
-                    kind = ("loss" if name in method.LOSSES else "validator" if name in validators.COLUMNS
-                            else "accuracy" if "acc" in name else "progress")
-                    self.board.add_scalar(f"{kind}/{name}", value, row["epoch"])
-            self.board.flush()
+            self._curves(lambda board: board.add_epoch(row))
 
     def finish(self, method: SourceOnly, data: Digits) -> None:
         """After the last epoch: the target confusion matrix, STEM_selection.csv (the epoch each validator
@@ -377,35 +410,58 @@ class RunFiles:
         write_rows(selection_path(self.csv), ["validator", "epoch", "target_acc_ensemble"], validators.choose(self.rows))
         if self.board is not None:
             settings = {name: getattr(self.config, name) for name in result_settings()}
-            self.board.add_hparams({name: value if isinstance(value, (int, float, str, bool)) else str(value)
-                                    for name, value in settings.items()},
-                                   {f"hparam/{name}": self.rows[-1][name] for name in ("source_acc", "target_acc_ensemble")},
-                                   run_name=".")
+            metrics = {f"hparam/{name}": self.rows[-1][name] for name in ("source_acc", "target_acc_ensemble")}
+            self._curves(lambda board: board.add_hparams(settings, metrics))
+
+    def _curves(self, write: Callable[[TensorBoardRun], None]) -> None:
+        """A TensorBoard write; one that fails stops the curves (one warning), never the run: the next
+        start rewrites them whole from the run's rows."""
+        try:
+            write(self.board)
+        except Exception as error:
+            print(f"warning: --tensorboard: the curves in {self.board.folder} stop before epoch {self.epoch} "
+                  f"({failure_cause(error)}); training goes on, and --resume writes them again", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                self.board.close()
+            self.board = None
 
     def stopped(self, cause: str, exit_code: int = 3, advice: str = "Lower --lr, or check the data.") -> RunStopped:
         """This run stopped before its end: what to tell the user (its files, the epochs they hold)."""
         return RunStopped(cause, self.config.csv, self.epoch, exit_code, advice)
 
-    def _tensorboard(self):
-        """A SummaryWriter in TENSORBOARD/STEM; resuming, TensorBoard drops whatever an earlier process
-        wrote after the checkpoint's epoch (purge_step), so no epoch appears twice."""
-        from torch.utils.tensorboard import SummaryWriter  # tensorboard is imported only when asked for
-
-        folder = Path(self.config.tensorboard) / self.csv.stem
+    def _tensorboard(self, held: contextlib.ExitStack) -> TensorBoardRun:
+        """TENSORBOARD/STEM, this run's alone: locked like the CSV, refused when it holds another run's curves,
+        then rewritten from the rows so far."""
+        folder = (Path(self.config.tensorboard) / self.csv.stem).absolute()
+        where = f"--tensorboard {self.config.tensorboard}: {folder}"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            return SummaryWriter(str(folder), purge_step=self.epoch + 1 if self.rows else None)
+            folder.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise OutputError(f"--tensorboard {self.config.tensorboard}: cannot write {folder} ({error.strerror}); "
-                              "choose another folder") from None
+            raise OutputError(f"{where}: cannot create it ({failure_cause(error)}); choose another folder") from None
+        holder = lock_holder(folder.with_suffix(".csv"))
+        if holder:
+            raise OutputError(f"{where} is being written by another run ({holder}); choose another --tensorboard "
+                              "folder or --csv name")
+        held.enter_context(run_lock(folder.with_suffix(".csv")))  # TENSORBOARD/STEM.lock
+        owner = TensorBoardRun.owner(folder)
+        if owner is not None and owner != str(self.csv.absolute()):
+            raise OutputError(f"{where} holds the curves of another run ({owner}); choose another --tensorboard "
+                              "folder or --csv name")
+        try:
+            return TensorBoardRun(folder, self.csv, self.rows, ALGORITHMS[self.config.method].LOSSES)
+        except Exception as error:
+            raise OutputError(f"{where}: cannot write ({failure_cause(error)}); choose another folder") from None
 
     def __exit__(self, kind, error, traceback) -> None:
-        try:
-            if self.writer is not None:
-                self.writer.close()  # the epoch being written is finished, whatever happened
-        finally:
-            if self.board is not None:
-                self.board.close()
-            self._held.close()  # the signal handlers, then the lock
+        with SignalGuard.deferring() as arrived:  # the epoch being written is finished, whatever happens
+            try:
+                if self.writer is not None:
+                    self.writer.close()
+            finally:
+                if self.board is not None:
+                    self.board.close()
+                self._held.close()  # the signal handlers, then the lock
         if isinstance(error, Interrupted):
             raise self.stopped(str(error), error.exit_code, advice="") from error
+        if arrived and error is None:
+            raise self.stopped(str(Interrupted(arrived[0])), 128 + arrived[0], advice="")

@@ -332,3 +332,16 @@ def test_results_json_names_the_path_used_and_why(digits_root, tmp_path, monkeyp
                                                                   "permitted when stream is capturing)"}
     train(replace(config, cuda_graph=False, csv=str(tmp_path / "plain.csv")))
     assert json.loads((tmp_path / "plain.json").read_text())["iteration"] == {"path": "eager", "fallback": ""}
+
+
+def test_cuda_graph_on_given_stops_the_run_with_one_line_and_exit_2(digits_root, tmp_path, monkeypatch):
+    from run_control import RunStopped
+
+    monkeypatch.setattr(iteration, "CudaGraphs", lambda device: CaptureRaises())
+    config = Config(data_root=str(digits_root), allow_unverified_data=True, download=False, source="mnist",
+                    target="usps", network="usps", epochs=1, iters_per_epoch=5, batch_size=8, num_k=1,
+                    cuda_graph=True, graph_strict=True, csv=str(tmp_path / "r.csv"))
+    with pytest.raises(RunStopped) as stopped:
+        train(config)
+    assert stopped.value.exit_code == 2 and stopped.value.epochs_saved == 0
+    assert stopped.value.cause.startswith("--cuda-graph on: the capture failed") and "auto" in stopped.value.advice
