@@ -19,6 +19,7 @@ import csv
 import errno
 import io
 import json
+import math
 import hashlib
 import os
 import platform
@@ -279,7 +280,10 @@ def read_selection(path: Path) -> dict[str, float]:
     """STEM_selection.csv as validator -> the target accuracy at its pick ({} when there is none)."""
     try:
         with open(path, newline="", encoding="utf-8") as file:
-            return {row["validator"]: float(row["target_acc_ensemble"]) for row in csv.DictReader(file)}
+            picks = {row["validator"]: float(row["target_acc_ensemble"]) for row in csv.DictReader(file)}
+        if not all(math.isfinite(value) for value in picks.values()):
+            raise ValueError("not finite")
+        return picks
     except FileNotFoundError:  # a run made before validators existed
         return {}
     except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
@@ -355,6 +359,29 @@ def write_table(out: Path, cells: list[dict]) -> list[str]:
                              f"{statistics.stdev(values):.4f}" if len(values) > 1 else "", len(values),
                              cell["expected"], len(values) == cell["expected"], cell["made_with"]])
     return lines
+
+
+def final_accuracy(record: Path, epochs: int) -> float | None:
+    """A seed's results.json: the target ensemble accuracy of its last epoch once it holds `epochs` epochs,
+    else None; anything but a finite number where one belongs is a OutputError naming the file and field."""
+    fix = f"delete the folder {record.parent} and relaunch to run that job again"
+    try:
+        saved = json.loads(record.read_text())
+        completed, final = saved["epochs_completed"], saved["final_row"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise OutputError(f"{record} is not a results record of main.py; {fix}") from None
+    if not _number(completed):
+        raise OutputError(f"{record}: epochs_completed is {completed!r}, not a number; {fix}")
+    if completed < epochs:
+        return None
+    value = final.get("target_acc_ensemble") if isinstance(final, dict) else None
+    if not _number(value) or not math.isfinite(value):
+        raise OutputError(f"{record}: final_row.target_acc_ensemble is {value!r}, not a finite number; {fix}")
+    return float(value)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class TensorBoardRun:

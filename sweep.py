@@ -17,6 +17,7 @@ its checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -32,8 +33,8 @@ from algorithms import METHODS
 from config import Config, non_negative_int, positive_float, positive_int, resolve, result_settings
 from datasets import DOMAINS, pair_error
 from main import OneLineErrors, build_parser as main_parser, given_settings, seed_range
-from results import OutputError, atomic_text, read_selection, seed_csv, selection_path, write_table
-from run_control import lock_holder
+from results import OutputError, atomic_text, final_accuracy, read_selection, seed_csv, selection_path, write_table
+from locks import lock_holder
 from validators import VALIDATORS
 
 ROOT = Path(__file__).resolve().parent
@@ -62,8 +63,12 @@ class Job:
         return out / self.name / RESULTS
 
     def argv(self, out: Path) -> list[str]:
+        """main.py's flags for this job; a --tensorboard folder gets one subfolder per job (TB/JOB/results_seedN:
+        its pair, method and seed), since every job's CSV has the same name."""
+        flags = [f"{token}/{self.name}" if i and self.flags[i - 1] == "--tensorboard" else token
+                 for i, token in enumerate(self.flags)]
         return ["--source", self.source, "--target", self.target, "--method", self.method, "--seeds", *self.seeds,
-                "--csv", str(self.csv(out).absolute()), "--resume", *self.flags]
+                "--csv", str(self.csv(out).absolute()), "--resume", *flags]
 
     def settings(self) -> dict:
         """What the job computes: its result-changing settings (as main.py resolves them, on a CPU, so that
@@ -83,16 +88,8 @@ class Job:
         epochs, finished = self.settings()["epochs"], []
         for seed in seed_numbers(self.seeds):
             record = seed_csv(self.csv(out), seed).with_suffix(".json")
-            if record.is_file():
-                try:
-                    saved = json.loads(record.read_text())
-                    complete = saved["epochs_completed"] >= epochs and saved["final_row"] is not None
-                    complete = complete and float(saved["final_row"]["target_acc_ensemble"]) >= 0
-                except (OSError, ValueError, KeyError, TypeError):
-                    raise SweepError(f"{record} is not a results record of main.py; delete the folder "
-                                     f"{record.parent} and relaunch to run that job again") from None
-                if complete:
-                    finished.append(seed)
+            if record.is_file() and final_accuracy(record, epochs) is not None:
+                finished.append(seed)
         return finished
 
     def done(self, out: Path) -> bool:
@@ -109,10 +106,6 @@ def seed_numbers(seeds: list[str]) -> list[int]:
     return sorted({seed for text in seeds for seed in seed_range(text)})
 
 
-# ---------------------------------------------------------------------------------------------------
-# The manifest: every job launched into this folder, as last launched
-
-
 def load_jobs(out: Path) -> list[Job]:
     manifest = out / MANIFEST
     if not manifest.is_file():
@@ -121,10 +114,22 @@ def load_jobs(out: Path) -> list[Job]:
         saved = json.loads(manifest.read_text(encoding="utf-8"))
         if isinstance(saved, list):  # the first format: absolute folders
             saved = {"jobs": [{**job, "name": Path(job.pop("folder")).name} for job in saved]}
-        return [Job(**job) for job in saved["jobs"]]
+        jobs = [Job(**job) for job in saved["jobs"]]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
         raise SweepError(f"{manifest} is not a sweep manifest ({type(error).__name__}); restore it, or relaunch "
                          "into a new --out") from None
+    for job in jobs:
+        wrong = [name for name in ("name", "source", "target", "method") if not isinstance(getattr(job, name), str)]
+        wrong += [name for name in ("seeds", "flags") if not isinstance(getattr(job, name), list)
+                  or not all(isinstance(item, str) for item in getattr(job, name))]
+        if wrong:
+            raise SweepError(f"{manifest}: {', '.join(wrong)} of {job.name!r} not text as the sweep writes it; restore "
+                             "it, or relaunch into a new --out")
+        try:
+            seed_numbers(job.seeds)
+        except argparse.ArgumentTypeError as error:
+            raise SweepError(f"{manifest}: the seeds of {job.name}: {error}") from None
+    return jobs
 
 
 def merge_jobs(out: Path, jobs: list[Job]) -> list[Job]:
@@ -139,6 +144,9 @@ def merge_jobs(out: Path, jobs: list[Job]) -> list[Job]:
         changed = [f"{key} {old[key]!r} -> {new[key]!r}" for key in old if key != "epochs" and old[key] != new[key]]
         if new["epochs"] < old["epochs"]:
             changed.append(f"epochs {old['epochs']} -> {new['epochs']} (fewer)")
+        dropped = sorted(set(seed_numbers(before.seeds)) - set(seed_numbers(job.seeds)))
+        if dropped:  # the job's summaries would be rewritten without them
+            changed.append(f"seeds {' '.join(before.seeds)} -> {' '.join(job.seeds)} (drops {', '.join(map(str, dropped))})")
         if changed:
             raise SweepError(f"{out / job.name} was launched with other settings ({'; '.join(changed)}); relaunch "
                              "with its flags, or choose a new --out for these")
@@ -148,10 +156,6 @@ def merge_jobs(out: Path, jobs: list[Job]) -> list[Job]:
 def save_jobs(out: Path, jobs: list[Job]) -> None:
     with atomic_text(out / MANIFEST, "; the earlier manifest is intact") as file:
         file.write(json.dumps({"jobs": [asdict(job) for job in jobs]}, indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Running jobs
 
 
 def run_job(out: Path, job: Job, gpu: int | None, note: str = "") -> subprocess.Popen:
@@ -235,11 +239,13 @@ def checked_flags(flags: list[str]) -> list[str]:
     if taken:
         raise SweepError(f"{', '.join('--' + name.replace('_', '-') for name in taken)}: the sweep sets these per job "
                          "(--pairs, --methods, --seeds, --out)")
-    # main.py runs in the project's folder: the data folder is fixed here, where the sweep is launched
-    data_root = os.path.abspath(getattr(namespace, "data_root", Config().data_root))
-    flags = [token for i, token in enumerate(flags) if not (token.split("=")[0] == "--data-root"
-                                                            or (i and flags[i - 1] == "--data-root"))]
-    return [*flags, "--data-root", data_root]
+    # main.py runs in the project's folder: the data and TensorBoard folders are fixed here, where the sweep is launched
+    folders = {"--data-root": os.path.abspath(getattr(namespace, "data_root", Config().data_root))}
+    if getattr(namespace, "tensorboard", None):
+        folders["--tensorboard"] = os.path.abspath(namespace.tensorboard)
+    flags = [token for i, token in enumerate(flags) if not (token.split("=")[0] in folders
+                                                            or (i and flags[i - 1] in folders))]
+    return [*flags, *(token for pair in folders.items() for token in pair)]
 
 
 def launch(args: argparse.Namespace, flags: list[str]) -> int:
@@ -264,7 +270,12 @@ def launch(args: argparse.Namespace, flags: list[str]) -> int:
         except RuntimeError as error:  # submitit found no srun: not on a Slurm cluster
             raise SweepError(f"--launcher slurm: {error} Run this on the cluster, or use --launcher local") from None
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        submitted = executor.map_array(slurm_task, [str(out.absolute())] * len(pending), [job.name for job in pending])
+        try:
+            submitted = executor.map_array(slurm_task, [str(out.absolute())] * len(pending), [job.name for job in pending])
+        except Exception as error:  # sbatch refused the array (partition, limits, ...): submitit raises its own
+            first = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+            raise SweepError(f"--launcher slurm: sbatch refused the jobs ({first}); check --partition, --time, --mem "
+                             "and --gpus-per-job, then relaunch the same command") from None
         print("submitted: " + ", ".join(job.job_id for job in submitted))
         if not args.wait:
             print(f"follow with: python sweep.py status {out}")
@@ -310,10 +321,13 @@ def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     codes = [worker.wait() for worker in workers]
-    killed = [f"{worker.pid} ({signal.Signals(-code).name})" for worker, code in zip(workers, codes) if code < 0]
+    killed = [(worker, signal.Signals(-code).name) for worker, code in zip(workers, codes) if code < 0]
+    for worker, _ in [] if received else killed:  # its run goes on in the worker's process group: stop it, saved
+        with contextlib.suppress(OSError, AttributeError):  # gone already; no process groups on Windows
+            os.killpg(worker.pid, signal.SIGTERM)
     if killed and not received:
-        raise SweepError(f"worker {', '.join(killed)} was killed; every run kept its last checkpoint: relaunch the same "
-                         "command to continue")
+        raise SweepError(f"worker {', '.join(f'{w.pid} ({name})' for w, name in killed)} was killed; its run was sent "
+                         "SIGTERM and keeps its last checkpoint: relaunch the same command to continue")
     if received:
         print(f"sweep stopped by {signal.Signals(received[0]).name}: every run kept its last checkpoint; relaunch "
               "the same command to continue", file=sys.stderr)
@@ -321,10 +335,6 @@ def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int
     print_table(out)
     interrupted = [code for code in codes if code > 128]
     return interrupted[0] if interrupted else (0 if all(code == 0 for code in codes) else 1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Status and table
 
 
 def job_state(out: Path, job: Job) -> str:
@@ -359,8 +369,8 @@ def print_table(out: Path, validator: str | None = None) -> None:
     for job in load_jobs(out):
         records = [seed_csv(job.csv(out), seed).with_suffix(".json") for seed in job.finished_seeds(out)]
         base = {"pair": f"{job.source}→{job.target}", "made_with": describe(job), "expected": len(seed_numbers(job.seeds))}
-        cells.append({**base, "method": job.method, "values": [
-            json.loads(record.read_text())["final_row"]["target_acc_ensemble"] for record in records]})
+        epochs = job.settings()["epochs"]
+        cells.append({**base, "method": job.method, "values": [final_accuracy(record, epochs) for record in records]})
         if validator:
             picks = [read_selection(selection_path(record.with_suffix(".csv"))).get(validator) for record in records]
             cells.append({**base, "method": f"{job.method} ({validator})", "values": [p for p in picks if p is not None]})

@@ -33,8 +33,8 @@ from figures import picture_path
 from iteration import CaptureFailed, EpochLosses, NonFiniteLoss, TrainStep, finite_weights, speed_up
 from results import (seed_csv, selection_path, summarize, summary_line, summary_path, summary_table, write_json,
                      write_rows, write_summary)
-from run_control import (Interrupted, RunFiles, RunStopped, SignalGuard, check_seed_outputs, refuse_if_training,
-                         run_lock, save_target_confusion)
+from locks import refuse_if_training, run_lock
+from run_control import Interrupted, RunFiles, RunStopped, SignalGuard, check_seed_outputs, save_target_confusion
 import validators
 
 

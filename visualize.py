@@ -29,7 +29,8 @@ from results import OutputError  # noqa: E402
 from figures import picture_path, save_figure  # noqa: E402
 from config import SettingError, positive_int, resolve_device  # noqa: E402
 from main import HelpFormatter, OneLineErrors  # noqa: E402
-from run_control import refuse_if_training, save_target_confusion  # noqa: E402
+from locks import refuse_if_training  # noqa: E402
+from run_control import save_target_confusion  # noqa: E402
 
 DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:red"}
 FEW = 10  # up to this many classes: one colour each, with a legend; more (43 signs) on a colour scale

@@ -142,8 +142,8 @@ def test_visualize_refuses_a_missing_cuda_and_a_run_still_training(seed_runs, ca
         with pytest.raises(SystemExit) as exit_info:
             visualize.main([str(checkpoint), "--device", "cuda"])
         assert exit_info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
-    lock = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import run_control; "
-                             "from pathlib import Path\nwith run_control.run_lock(Path(sys.argv[2])): print(flush=True); "
+    lock = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import locks; "
+                             "from pathlib import Path\nwith locks.run_lock(Path(sys.argv[2])): print(flush=True); "
                              "time.sleep(60)", str(ROOT), str(checkpoint.with_suffix(".csv"))],
                             stdout=subprocess.PIPE, text=True)
     try:

@@ -364,13 +364,13 @@ import importlib
 from pathlib import Path
 for module in sorted(Path(sys.argv[1]).glob("*.py")):  # every module of the project
     importlib.import_module(module.stem)
-import run_control
-assert not run_control.NATIVE_LOCKS
+import locks
+assert not locks.NATIVE_LOCKS
 try:
-    with run_control.run_lock(Path(sys.argv[2])):
+    with locks.run_lock(Path(sys.argv[2])):
         print("held", flush=True)
         sys.stdin.readline()
-except run_control.OutputError as error:
+except locks.OutputError as error:
     print(error, flush=True)
 """
 

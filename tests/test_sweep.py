@@ -188,12 +188,26 @@ def _job_with_a_corrupt_record(out: Path, record: str = "{") -> None:
     (lambda out: (out.mkdir(), (out / "sweep.json").write_bytes(b"\xff\xfe\x00")), ["table", "OUT"], "not a sweep manifest"),
     (_job_with_a_corrupt_record, ["table", "OUT"], "is not a results record"),
     (lambda out: _job_with_a_corrupt_record(out, '{"epochs_completed": 99, "final_row": {"epoch": 99}}'),
-     ["table", "OUT"], "is not a results record"),
+     ["table", "OUT"], "final_row.target_acc_ensemble is None, not a finite number"),
     (None, ["launch", "--out", "OUT", "--time", "0"], "--time"),
     (None, ["launch", "--out", "OUT", "--gpus", "-1"], "--gpus"),
     (None, ["launch", "--out", "OUT", "--seeds", "1-"], "--seeds"),
     (None, ["launch", "--out", "OUT", "--mem", "nan"], "--mem"),
     (None, ["launch", "--out", "OUT", "--seeds", "1-99999999999"], "seeds must be between"),
+    (lambda out: (out.mkdir(), (out / "sweep.json").write_text('{"jobs": [{"name": "a_b_mcd", "source": "mnist", '
+                                                                '"target": "usps", "method": "mcd", "seeds": 3}]}')),
+     ["status", "OUT"], "seeds of 'a_b_mcd' not text"),
+    (lambda out: _job_with_a_corrupt_record(out, '{"epochs_completed": 99, "final_row": {"target_acc_ensemble": "95.1"}}'),
+     ["table", "OUT"], "final_row.target_acc_ensemble is '95.1', not a finite number"),
+    (lambda out: _job_with_a_corrupt_record(out, '{"epochs_completed": 99, "final_row": {"target_acc_ensemble": Infinity}}'),
+     ["table", "OUT"], "final_row.target_acc_ensemble is inf, not a finite number"),
+    (lambda out: (_job_with_a_corrupt_record(out, '{"epochs_completed": 99, "final_row": {"target_acc_ensemble": 90}}'),
+                  (out / "mnist_usps_mcd" / "results_seed1_selection.csv").write_text(
+                      "validator,epoch,target_acc_ensemble\nval_im,1,inf\n")),
+     ["table", "OUT", "--validator", "val_im"], "is not a selection file"),
+    (lambda out: (out.mkdir(), sweep.save_jobs(out, [sweep.Job("mnist_usps_mcd", "mnist", "usps", "mcd", ["1-2"])])),
+     ["launch", "--out", "OUT", "--pairs", "mnist:usps", "--methods", "mcd", "--seeds", "3", "--gpus", "0"],
+     "seeds 1-2 -> 3 (drops 1, 2)"),
 ])
 def test_bad_sweep_input_is_one_line_exit_2(tmp_path, capsys, setup, argv, shown):
     out = tmp_path / "sweep"
@@ -205,6 +219,26 @@ def test_bad_sweep_input_is_one_line_exit_2(tmp_path, capsys, setup, argv, shown
         code = exit_info.code
     err = capsys.readouterr().err
     assert code == 2 and shown in err and err.count("\n") == 1, err
+
+
+def test_each_job_gets_its_own_tensorboard_folder_given_where_the_sweep_is_launched(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = sweep.checked_flags(["--tensorboard", "tb", "--epochs", "3"])
+    jobs = sweep.expand_grid(["mnist:usps"], ["mcd", "dann"], ["1-2"], flags)
+    folders = [job.argv(tmp_path / "sweep")[job.argv(tmp_path / "sweep").index("--tensorboard") + 1] for job in jobs]
+    assert folders == [str(tmp_path / "tb" / "mnist_usps_mcd"), str(tmp_path / "tb" / "mnist_usps_dann")]
+
+
+def test_a_refused_slurm_submission_is_one_line(tmp_path, monkeypatch, capsys):
+    class Refusing:
+        def map_array(self, *args):
+            raise subprocess.CalledProcessError(1, ["sbatch"], output=b"sbatch: error: invalid partition specified: gpu")
+
+    monkeypatch.setattr(sweep, "slurm_executor", lambda folder, args: Refusing())
+    code = sweep.main(["launch", "--out", str(tmp_path / "sweep"), "--pairs", "mnist:usps", "--methods", "mcd",
+                       "--launcher", "slurm", "--seeds", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "sbatch refused the jobs" in err and "--partition" in err
 
 
 def test_main_refuses_a_huge_seed_range_at_once(capsys):
