@@ -239,13 +239,10 @@ def run_record(config: Config, files: list[DataFile], device: torch.device, iter
     }
 
 
-# How the console names a loss column (others by their own name).
-SHORT_NAMES = {"loss_source": "loss", "discrepancy_b": "d_B", "discrepancy_c": "d_C"}
-
-
 def summary_line(row: dict[str, float | int | None], epochs: int, losses: tuple[str, ...]) -> str:
-    """The one-line report of an epoch's CSV row (the losses the method computed, then the accuracies)."""
-    shown = " ".join(f"{SHORT_NAMES.get(name, name)} {row[name]:.4f}" for name in losses if row.get(name) is not None)
+    """The one-line report of an epoch's CSV row (the losses the method computed, by their column names, then
+    the accuracies)."""
+    shown = " ".join(f"{name} {row[name]:.4f}" for name in losses if row.get(name) is not None)
     return (
         f"epoch {row['epoch']:3d}/{epochs} | {shown} | "
         f"source {row['source_acc']:.2f}% | target F1 {row['target_acc_f1']:.2f}% F2 {row['target_acc_f2']:.2f}% "
