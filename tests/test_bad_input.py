@@ -167,7 +167,8 @@ def test_output_folder_that_cannot_be_created(digits_root, tmp_path, capsys):
 def test_missing_output_folder_is_created(digits_root, tmp_path):
     csv_path = tmp_path / "new" / "deeper" / "results.csv"
     args = ["--data-root", str(digits_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
-            "--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "8", "--num-k", "1", "--csv", str(csv_path)]
+            "--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "8", "--num-k", "1", "--csv", str(csv_path),
+            "--source", "mnist", "--target", "usps"]  # the small network: this is about the folder
     assert _main(args) == 0
     assert csv_path.exists() and csv_path.with_suffix(".pt").exists()
 

@@ -58,6 +58,7 @@ def test_overwrite_replaces_the_curves_and_resume_writes_each_epoch_once(digits_
     assert len(list((board / "run").glob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.slow
 def test_a_failed_tensorboard_write_never_stops_training_and_resume_writes_the_missing_epochs(
         digits_root, tmp_path, monkeypatch, capsys):
     board, csv_path = tmp_path / "tb", tmp_path / "full.csv"

@@ -510,6 +510,7 @@ def test_host_staging_on_cuda_copies_asynchronously_into_pinned_buffers():
     assert staged["w"].is_pinned() and torch.equal(staged["w"] * 2.0, weight.cpu())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fault", "cause"), [("disk full", "disk full"), ("host memory", "out of memory")])
 def test_a_failed_checkpoint_is_one_line_and_keeps_epoch_1(digits_root, tmp_path, monkeypatch, capsys, fault, cause):
     if fault == "disk full":
@@ -678,6 +679,7 @@ def test_non_finite_weights_are_never_checkpointed_as_good(digits_root, tmp_path
     assert [r["epoch"] for r in _rows(csv_path)] == ["1"] and load_checkpoint(csv_path.with_suffix(".pt"))["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_a_damaged_or_incomplete_checkpoint_is_refused_an_old_one_without_checksum_loads(finished_run, digits_root,
                                                                                         tmp_path, capsys):
     csv_path = _copy_run(finished_run, tmp_path)
