@@ -629,14 +629,19 @@ sys.path.insert(0, {root!r})
 import checkpoint, main, run_control
 where = sys.argv.pop(1)
 
-def signalled(real, signum):
+def signalled(real, signum, times=1):
     def wrapper(*args):
-        os.kill(os.getpid(), signum)
-        time.sleep(0.5)  # the handler runs in the main thread meanwhile
+        for _ in range(times):
+            os.kill(os.getpid(), signum)
+            time.sleep(0.2)  # the handler runs in the main thread meanwhile
         return real(*args)
     return wrapper
 
-if where == "last checkpoint":  # on the writer thread, while the main thread waits for it
+if where == "three signals":  # in quick succession while the last checkpoint is being written
+    real_save = checkpoint.save_checkpoint
+    checkpoint.save_checkpoint = lambda path, payload: (signalled(real_save, signal.SIGTERM, 3) if payload["epoch"] == 2
+                                                         else real_save)(path, payload)
+elif where == "last checkpoint":  # on the writer thread, while the main thread waits for it
     real_save = checkpoint.save_checkpoint
     checkpoint.save_checkpoint = lambda path, payload: (signalled(real_save, signal.SIGTERM) if payload["epoch"] == 2
                                                          else real_save)(path, payload)
@@ -647,7 +652,7 @@ sys.exit(main.main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("where", "code"), [("last checkpoint", 143), ("final picture", 130)])
+@pytest.mark.parametrize(("where", "code"), [("last checkpoint", 143), ("three signals", 143), ("final picture", 130)])
 def test_a_signal_during_the_last_writes_finishes_them_and_says_resume(digits_root, tmp_path, where, code):
     csv_path = tmp_path / "late.csv"
     done = subprocess.run([sys.executable, "-c", SIGNAL_DURING.format(root=str(ROOT)), where,

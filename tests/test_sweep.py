@@ -292,3 +292,26 @@ def test_ctrl_c_stops_the_whole_sweep_and_each_run_keeps_its_checkpoint(digits_r
     assert not (out / JOBS[1] / "main.log").exists()  # the next job never started
     log = (first / "main.log").read_text()
     assert "interrupted by SIGINT" in log and "--resume" in log and (first / "results_seed1.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_has_its_run_stopped_and_the_message_says_so(digits_root, tmp_path):
+    out = tmp_path / "sweep"
+    launcher = subprocess.Popen(_launch(digits_root, out, epochs=50), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=tmp_path)
+    lines = [launcher.stdout.readline(), launcher.stdout.readline()]  # "N jobs, ...", "started 1 worker(s): pids PID"
+    worker = int(lines[1].split("pids ")[-1])
+    first = out / JOBS[0]
+    deadline = time.monotonic() + 300
+    while not (first / "results_seed1.pt").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(worker, signal.SIGKILL)  # the worker dies; its main.py would run on alone
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2 and "was killed; its run was sent SIGTERM" in err and err.count("\n") == 1, err
+    deadline = time.monotonic() + 60
+    while _processes_of(out) and time.monotonic() < deadline:  # the run saves what it has and goes
+        time.sleep(0.1)
+    assert not _processes_of(out)
+    log = (first / "main.log").read_text()
+    assert "interrupted by SIGTERM" in log and (first / "results_seed1.pt").exists()
