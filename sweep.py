@@ -426,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):  # a folder name that is not UTF-8 is printed escaped, never a traceback
+        sys.stdout.reconfigure(errors="backslashreplace")
     if argv[:1] == ["_work"]:  # a local worker, started by launch_local: OUT LAUNCH_ID [GPU]
         return work(Path(argv[1]), argv[2], int(argv[3]) if len(argv) > 3 else None)
     parser = build_parser()
