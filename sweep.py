@@ -308,7 +308,8 @@ def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int
     workers = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "_work", str(out.absolute()), launch_id,
                                  *([str(gpu)] if gpus else [])], cwd=ROOT, start_new_session=True)
                for gpu in slots]
-    print(f"started {len(workers)} worker(s): pids {', '.join(str(w.pid) for w in workers)}")
+    print(f"started {len(workers)} worker(s): pids {', '.join(str(w.pid) for w in workers)}"
+          + (f" on GPUs {', '.join(map(str, slots))}" if gpus else " on the CPU"))
     if not args.wait:
         print(f"follow with: python sweep.py status {out}; stop with: kill {' '.join(str(w.pid) for w in workers)}")
         return 0

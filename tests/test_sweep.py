@@ -102,14 +102,14 @@ def test_a_killed_sweep_relaunched_finishes_without_redoing_and_tabulates_the_la
         assert float(row["std"]) == pytest.approx(statistics.stdev(values), abs=1e-3)
     markdown = (out / "table.md").read_text()
     assert "| method | mnist→usps |" in markdown and markdown.count("(n=2)") == 2 and "incomplete" not in markdown
-    done = subprocess.run(_launch(digits_root, out, epochs=3), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0 and "2 done already, 0 to run" in done.stdout
+    capsys.readouterr()
+    assert sweep.main(_launch(digits_root, out, epochs=3)[2:]) == 0  # nothing to run: no process started
+    assert "2 done already, 0 to run" in capsys.readouterr().out
 
     # A job is its whole command: another result setting is refused, naming it, and nothing changes.
     manifest = (out / "sweep.json").read_bytes()
-    changed = subprocess.run(_launch(digits_root, out, "--lr", "0.1", epochs=3), capture_output=True, text=True,
-                             timeout=600, cwd=tmp_path)
-    assert changed.returncode == 2 and "lr 0.0002 -> 0.1" in changed.stderr, changed.stderr
+    assert sweep.main(_launch(digits_root, out, "--lr", "0.1", epochs=3)[2:]) == 2
+    assert "lr 0.0002 -> 0.1" in capsys.readouterr().err
     assert (out / "sweep.json").read_bytes() == manifest
     # A moved sweep reports its own files: sweep.json's paths are relative to its folder.
     moved = tmp_path / "moved"
@@ -250,27 +250,25 @@ def test_main_refuses_a_huge_seed_range_at_once(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("gpus", "per_gpu"), [("2", "1"), ("1", "2")])
-def test_two_workers_take_jobs_from_one_queue(digits_root, tmp_path, capsys, gpus, per_gpu):
+def test_workers_take_jobs_from_one_queue_k_per_gpu(digits_root, tmp_path, capsys):
     out = tmp_path / "sweep"
-    command = _launch(digits_root, out, epochs=1) + ["--jobs-per-gpu", per_gpu]
-    command[command.index("--gpus") + 1] = gpus  # pretend GPUs (the runs stay on the CPU: --device cpu)
+    command = _launch(digits_root, out, epochs=1) + ["--jobs-per-gpu", "2"]
+    command[command.index("--gpus") + 1] = "2"  # two pretend GPUs (the runs stay on the CPU: --device cpu)
     command[command.index("--pairs") + 1:command.index("--pairs") + 2] = ["mnist:usps", "usps:mnist"]
     command[command.index("1-2")] = "1"
     command[command.index("--out") + 1] = "sweep"  # relative to the launcher's folder (the workers start elsewhere)
     command[command.index("--data-root") + 1] = os.path.relpath(digits_root, tmp_path)  # so is the data's
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "started 2 worker(s)" in done.stdout
+    assert "started 4 worker(s)" in done.stdout and "on GPUs 0, 0, 1, 1" in done.stdout  # --jobs-per-gpu 2
     workers = {}
     for folder in out.iterdir():
         if folder.is_dir() and not folder.name.startswith("."):
             lines = [line for line in (folder / "main.log").read_text().splitlines() if line.startswith("== sweep worker")]
             assert len(lines) == 1, folder  # each job ran once
             workers.setdefault(lines[0], []).append(folder.name)  # "== sweep worker PID on GPU N"
-    assert len(workers) == 2 and sum(map(len, workers.values())) == 4  # both had work
-    on = sorted(line.split(" on ")[1] for line in workers)
-    assert on == (["GPU 0", "GPU 1"] if gpus == "2" else ["GPU 0", "GPU 0"])  # --jobs-per-gpu 2: both on one GPU
+    assert len(workers) >= 2 and sum(map(len, workers.values())) == 4  # several workers had work
+    assert {line.split(" on ")[1] for line in workers} <= {"GPU 0", "GPU 1"}
     assert set(_status(out, capsys).values()) == {"done"}
 
 
@@ -300,7 +298,7 @@ def test_a_killed_worker_has_its_run_stopped_and_the_message_says_so(digits_root
     launcher = subprocess.Popen(_launch(digits_root, out, epochs=50), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=tmp_path)
     lines = [launcher.stdout.readline(), launcher.stdout.readline()]  # "N jobs, ...", "started 1 worker(s): pids PID"
-    worker = int(lines[1].split("pids ")[-1])
+    worker = int(lines[1].split("pids ")[-1].split()[0])
     first = out / JOBS[0]
     deadline = time.monotonic() + 300
     while not (first / "results_seed1.pt").exists():
