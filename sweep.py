@@ -291,8 +291,7 @@ def launch(args: argparse.Namespace, flags: list[str]) -> int:
 
 
 def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int:
-    """One worker per GPU (one on the CPU with --gpus 0), each in its own session, so that a terminal's
-    Ctrl-C reaches them once, through this launcher."""
+    """K workers per GPU (--jobs-per-gpu K; on the CPU with --gpus 0), each in its own session: Ctrl-C reaches them once."""
     launch_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     claims = out / ".claims" / launch_id
     try:
