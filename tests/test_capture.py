@@ -62,15 +62,6 @@ class Recorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _state_tensors(method: SourceOnly) -> dict[str, torch.Tensor]:
-    tensors = dict(method.state_dict(keep_vars=True))
-    for name, optimizer in method.optimizers.items():
-        for index, state in enumerate(optimizer.state.values()):
-            tensors.update({f"optimizer {name}[{index}].{key}": value for key, value in state.items()
-                            if isinstance(value, torch.Tensor)})
-    return tensors
-
-
 def _python_attributes(method: SourceOnly) -> dict[tuple[str, str], object]:
     plain = (int, float, bool, str, type(None), tuple)
     return {(path, name): value for path, module in method.named_modules() for name, value in vars(module).items()
@@ -101,7 +92,7 @@ def capture_contract_violations(method: SourceOnly, batch: tuple[torch.Tensor, .
             optimizer.step = step
             stack.callback(delattr, optimizer, "step")
         for call in (1, 2):
-            storage = {name: tensor.untyped_storage().data_ptr() for name, tensor in _state_tensors(method).items()}
+            storage = {name: tensor.untyped_storage().data_ptr() for name, tensor in iteration._state(method).items()}
             attributes, randomness = _python_attributes(method), _random_states()
             recorder.trace = []
             with recorder:
@@ -111,7 +102,7 @@ def capture_contract_violations(method: SourceOnly, batch: tuple[torch.Tensor, .
             problems += [f"call {call}: host read ({name})" for name in names if name in HOST_READS]
             problems += [f"call {call}: data-dependent shape ({name})" for name in names if name in DATA_DEPENDENT_SHAPES]
             problems += [f"call {call}: tensor made from Python data ({name})" for name in names if name in FROM_PYTHON_DATA]
-            after = _state_tensors(method)
+            after = iteration._state(method)
             problems += [f"call {call}: state tensor {name} rebound (new storage)" for name, pointer in storage.items()
                          if name in after and after[name].untyped_storage().data_ptr() != pointer]
             problems += [f"call {call}: state tensor {name} created" for name in after.keys() - storage.keys()]
