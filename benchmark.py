@@ -33,7 +33,7 @@ from config import (PRECISIONS, Config, SettingError, batch_images, configure_ba
                     resolve, speed_label, switch, synchronize)
 from datasets import DOMAINS, BatchStream, Digits, DigitsSplit
 from iteration import EpochLosses, TrainStep, speed_up
-from main import HelpFormatter
+from cli import HelpFormatter
 from models import NETWORKS
 from train import batch_streams, evaluate_all
 

@@ -25,7 +25,7 @@ import torch
 
 from algorithms import ALGORITHMS, SourceOnly
 from config import Config, result_settings
-from datasets import BatchStream, DataFile, Digits, default_network, load_digits
+from datasets import DOMAINS, BatchStream, DataFile, Digits, default_network, load_digits
 from results import ResultsWriter, writing
 
 FORMAT_VERSION = 1
@@ -247,13 +247,15 @@ class CheckpointWriter:
 
 
 def checkpoint_payload(config: Config, model: SourceOnly, streams: tuple[BatchStream, BatchStream],
-                       files: list[DataFile], rows: list[dict], resumed_at: list[int], provenance: dict) -> dict:
+                       files: list[DataFile], classes: tuple[str, ...], rows: list[dict], resumed_at: list[int],
+                       provenance: dict) -> dict:
     """Everything train() needs to continue after rows[-1]['epoch'] exactly as if it had never stopped:
-    the method's whole state_dict (every network and buffer) and every optimiser, by name; and the
-    command line and code version that made it (results.provenance)."""
+    the method's whole state_dict (every network and buffer) and every optimiser, by name; the class
+    names its labels index; and the command line and code version that made it (results.provenance)."""
     return {
         "format_version": FORMAT_VERSION,
         "config": asdict(config),
+        "classes": list(classes),
         "provenance": provenance,
         "epoch": rows[-1]["epoch"],
         "rows": rows,
@@ -324,14 +326,27 @@ def restore_run(checkpoint: dict, model: SourceOnly, streams: tuple[BatchStream,
     restore_rng(checkpoint["rng"], model.device)
 
 
+def _class_count(checkpoint: dict) -> int:
+    """How many classes the saved heads tell apart (the rows of F1's last matrix)."""
+    return [value for key, value in _saved_networks(checkpoint).items() if key.startswith("F1.") and value.ndim == 2][-1].shape[0]
+
+
+def class_names(checkpoint: dict) -> tuple[str, ...]:
+    """The names of the classes a checkpoint's labels index: recorded in it (since the one-run redesign), else
+    its source dataset's, else the class numbers."""
+    if "classes" in checkpoint:
+        return tuple(checkpoint["classes"])
+    source = saved_config(checkpoint).get("source", "svhn")
+    return DOMAINS[source].classes if source in DOMAINS else tuple(str(k) for k in range(_class_count(checkpoint)))
+
+
 def model_from_checkpoint(checkpoint: dict, device: torch.device, path: Path | None = None) -> SourceOnly:
     """The trained method of a checkpoint, on `device`, for evaluation (eager, no CUDA graph, not compiled);
     its class count is its heads' (the last matrix of F1)."""
     known = {f.name for f in fields(Config)}
     saved = {key: value for key, value in saved_config(checkpoint).items() if key in known}
     config = replace(Config(**saved), device=str(device), cuda_graph=False, compile=False)
-    classes = [value for key, value in _saved_networks(checkpoint).items() if key.startswith("F1.") and value.ndim == 2]
-    model = ALGORITHMS[config.method](config, classes[-1].shape[0], device, 1)
+    model = ALGORITHMS[config.method](config, _class_count(checkpoint), device, 1)
     _load_networks(model, checkpoint, path)
     return model
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from algorithms import DISCREPANCIES, METHODS
+from cli import OneLineErrors
 from checkpoint import ResumeError, checkpoint_path
 from config import GROUPS, MAX_SEED, Config, SettingError, resolve, settings, switch
 from datasets import DataError
@@ -46,20 +47,6 @@ def seed_range(text: str) -> list[int]:
 def seed_list(args: argparse.Namespace) -> list[int] | None:
     """--seeds as one sorted list without repeats (its groups, e.g. '1-3 2 7', joined); None without it."""
     return sorted({seed for group in args.seeds for seed in group}) if args.seeds else None
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    """A bad flag is one line on stderr and exit code 2 (argparse would print its usage block first)."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default after its help text, except a None default: that help says what None means."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 # Choices that live with the code that implements them.

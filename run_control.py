@@ -25,7 +25,7 @@ from algorithms import ALGORITHMS, SourceOnly
 from checkpoint import (CheckpointWriter, check_resumable, checkpoint_path, checkpoint_payload,
                         load_checkpoint, restore_run)
 from config import Config, result_settings
-from datasets import BatchStream, DataFile, Digits
+from datasets import BatchStream, Digits
 from figures import picture_path, save_confusion
 from locks import lock_holder, locked_message, run_lock
 from results import (OutputError, ResultsWriter, TensorBoardRun, csv_columns, failure_cause, provenance,
@@ -83,6 +83,13 @@ DERIVED = ("_selection", "_summary", "_selection_summary")  # STEM + each: CSVs 
 def _is_a_run(csv_path: Path) -> bool:
     """Whether csv_path is the CSV of a run of main.py: its checkpoint or record is beside it."""
     return checkpoint_path(csv_path).exists() or record_path(csv_path).exists()
+
+
+def belongs_to_a_run(path: Path) -> bool:
+    """Whether path is a run's CSV, or a file a run writes beside its CSV (STEM_selection.csv, ...)."""
+    return _is_a_run(path) or any(path.stem.endswith(suffix) and _is_a_run(path.with_name(path.stem.removesuffix(suffix)
+                                                                                          + path.suffix))
+                                  for suffix in DERIVED)
 
 
 def _refuse_another_runs_names(csv_path: Path) -> None:
@@ -243,33 +250,33 @@ class RunFiles:
         """Epochs finished (and saved, or being saved)."""
         return self.rows[-1]["epoch"] if self.rows else 0
 
-    def start(self, method: SourceOnly, streams: tuple[BatchStream, BatchStream], files: list[DataFile],
-              iterations: int) -> None:
+    def start(self, method: SourceOnly, streams: tuple[BatchStream, BatchStream], data: Digits, iterations: int) -> None:
         """--resume: the checkpoint's state into the method and streams; else no stale checkpoint stays.
         Then the writers, which write the CSV's header (and the rows so far) and results.json."""
+        self.files, self.classes = data.files, data.classes  # what every checkpoint records of the data
         if self.checkpoint is not None:
-            restore_run(self.checkpoint, method, streams, files, self.saved_path)
+            restore_run(self.checkpoint, method, streams, data.files, self.saved_path)
             note = provenance_changes(self.checkpoint.get("provenance"), self.made_by)
             if note:
                 print(note)
         else:
             self.saved_path.unlink(missing_ok=True)  # --overwrite: no stale checkpoint beside the new CSV
-        record = {**run_record(self.config, files, method.device, iterations, self.made_by),
+        record = {**run_record(self.config, data.files, method.device, iterations, self.made_by),
                   "resumed_at_epochs": self.resumed_at}
         self.writer = CheckpointWriter(self.saved_path, ResultsWriter(self.config, record, self.rows, method.LOSSES))
         if self.rows and self.epoch == self.config.epochs:
             print(f"{self.csv} already holds all {self.config.epochs} epochs; raise --epochs to train further")
 
-    def save_epoch(self, row: dict, method: SourceOnly, streams: tuple[BatchStream, BatchStream],
-                   files: list[DataFile], iteration: dict) -> None:
+    def save_epoch(self, row: dict, method: SourceOnly, streams: tuple[BatchStream, BatchStream], iteration: dict
+                   ) -> None:
         """The epoch's checkpoint, then its CSV row, written in the background (the two always agree);
         `iteration` (how iterations ran, and why a CUDA graph was given up) goes into results.json."""
         unknown = set(row) - set(csv_columns(method.LOSSES))
         if unknown:  # never dropped silently
             raise ValueError(f"{type(method).__name__}.update returned {sorted(unknown)}, which its LOSSES "
                              f"{method.LOSSES} (the CSV's loss columns) do not name")
-        payload = checkpoint_payload(self.config, method, streams, files, self.rows + [row], self.resumed_at,
-                                     self.made_by)
+        payload = checkpoint_payload(self.config, method, streams, self.files, self.classes, self.rows + [row],
+                                     self.resumed_at, self.made_by)
         self.writer.wait()  # the record is the writer thread's until its last write is done
         self.writer.results.record["iteration"] = iteration
         self.writer.submit(payload, row)

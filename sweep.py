@@ -32,7 +32,8 @@ import torch
 from algorithms import METHODS
 from config import Config, non_negative_int, positive_float, positive_int, resolve, result_settings
 from datasets import DOMAINS, pair_error
-from main import OneLineErrors, build_parser as main_parser, given_settings, seed_range
+from cli import OneLineErrors
+from main import build_parser as main_parser, given_settings, seed_range
 from results import OutputError, atomic_text, final_accuracy, read_selection, seed_csv, selection_path, write_table
 from locks import lock_holder
 from validators import VALIDATORS
@@ -392,8 +393,7 @@ def _pair(text: str) -> str:
 
 
 def _seeds(text: str) -> str:
-    seed_range(text)  # refused here, with main.py's message
-    return text
+    return seed_range(text) and text  # refused here, with main.py's message
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,7 +85,7 @@ def train(config: Config, command: list[str] | None = None) -> list[dict[str, fl
         method = ALGORITHMS[config.method](config, len(data.classes), device, config.epochs * iterations)
         method.train()
         speed_up(method, config)
-        run.start(method, (source, target), data.files, iterations)
+        run.start(method, (source, target), data, iterations)
         step = TrainStep(method, data.source_train, data.target_train, config)
         print(f"{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training images, "
               f"{config.epochs} epochs x {iterations} iterations on {device_name(device)} ({speed_label(config)})"
@@ -120,7 +120,7 @@ def train(config: Config, command: list[str] | None = None) -> list[dict[str, fl
                 **dict.fromkeys(method.LOSSES), **means,
                 **evaluate_all(method, data, config.eval_batch_size, validation_images),
             }
-            run.save_epoch(row, method, (source, target), data.files, {"path": step.path, "fallback": step.fallback})
+            run.save_epoch(row, method, (source, target), {"path": step.path, "fallback": step.fallback})
             print(summary_line(row, config.epochs, method.LOSSES))
         run.finish(method, data)
     if epoch_seconds:

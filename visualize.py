@@ -28,7 +28,7 @@ from datasets import DataError, Digits, DigitsSplit  # noqa: E402
 from results import OutputError  # noqa: E402
 from figures import picture_path, save_figure  # noqa: E402
 from config import SettingError, positive_int, resolve_device  # noqa: E402
-from main import HelpFormatter, OneLineErrors  # noqa: E402
+from cli import HelpFormatter, OneLineErrors  # noqa: E402
 from locks import refuse_if_training  # noqa: E402
 from run_control import save_target_confusion  # noqa: E402
 

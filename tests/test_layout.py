@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = sorted(path.stem for path in ROOT.glob("*.py"))
-ENTRY_POINTS = {"main", "benchmark", "visualize", "plot_results", "sweep"}
+ENTRY_POINTS = {"main", "benchmark", "visualize", "plot_results", "sweep", "predict"}
 LOOP = "train"  # below the entry points, above everything else
 MAX_LINES = 450
 
@@ -87,14 +87,14 @@ def test_the_readme_code_map_names_every_file():
         assert f"`{name}.py`" in code_map, f"README's Code map does not mention {name}.py"
 
 
-@pytest.mark.parametrize("module", ["figures", "plot_results"])
+@pytest.mark.parametrize("module", ["figures", "plot_results", "cli", "predict"])
 def test_the_picture_modules_never_import_torch(module):
     done = subprocess.run([sys.executable, "-c", f"import sys, {module}; assert 'torch' not in sys.modules"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("script", ["main", "visualize", "benchmark"])
+@pytest.mark.parametrize("script", ["main", "visualize", "benchmark", "predict"])
 def test_help_never_shows_a_meaningless_default_none(script, capsys):
     module = importlib.import_module(script)
     with pytest.raises(SystemExit) as exit_info:
