@@ -69,8 +69,10 @@ class DataFile:
 # Checking and downloading
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+def _warn(message: str, said: set[str] = set()) -> None:  # noqa: B006 (the set is the process's memory)
+    if message not in said:  # once per process: the seeds of a run read the same files again
+        said.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _download(url: str, destination: Path, md5: str) -> None:

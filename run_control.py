@@ -17,13 +17,13 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 from algorithms import ALGORITHMS, SourceOnly
-from checkpoint import (CheckpointWriter, check_resumable, checkpoint_path, checkpoint_payload,
-                        load_checkpoint, restore_run)
+from checkpoint import (CheckpointWriter, ResumeError, check_resumable, checkpoint_path, checkpoint_payload,
+                        config_differences, load_checkpoint, restore_run, saved_config)
 from config import Config, result_settings
 from datasets import BatchStream, Digits
 from figures import picture_path, save_confusion
@@ -72,9 +72,23 @@ def check_output(config: Config) -> None:
         fix = ("start it again with --overwrite instead of --resume" if existing else "run without --resume to start")
         raise OutputError(f"--resume: there is no checkpoint {checkpoint} to continue from; {fix}")
     if not config.resume and not config.overwrite and existing:
-        fix = ("add --resume to continue that run or --overwrite to replace it" if checkpoint.exists() else
+        fix = (_advice(checkpoint, config) if checkpoint.exists() else
                f"no checkpoint {checkpoint} is there to resume it from: add --overwrite to replace it")
         raise OutputError(f"--csv {csv_path}: {existing[0]} already exists; {fix}")
+
+
+def _advice(checkpoint: Path, config: Config) -> str:
+    """What to do about an earlier run at this --csv: continue it when this command would (the same result
+    settings), else name what differs."""
+    try:
+        differences = config_differences(saved_config(load_checkpoint(checkpoint, verify=False)), asdict(config),
+                                         result_settings())
+    except ResumeError:
+        differences = []
+    if differences:
+        return (f"that run was made with other settings ({'; '.join(differences)}): choose another --csv for this "
+                "one, or add --overwrite to replace it")
+    return "add --resume to continue that run or --overwrite to replace it"
 
 
 DERIVED = ("_selection", "_summary", "_selection_summary")  # STEM + each: CSVs a run writes beside its own

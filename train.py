@@ -88,7 +88,7 @@ def train(config: Config, command: list[str] | None = None) -> list[dict[str, fl
         run.start(method, (source, target), data, iterations)
         step = TrainStep(method, data.source_train, data.target_train, config)
         print(f"{config.method}: {len(data.source_train)} source / {len(data.target_train)} target training images, "
-              f"{config.epochs} epochs x {iterations} iterations on {device_name(device)} ({speed_label(config)})"
+              f"{config.epochs} epoch{'s' if config.epochs > 1 else ''} x {iterations} iterations on {device_name(device)} ({speed_label(config)})"
               + (f"; resuming after epoch {run.epoch}" if run.rows else ""))
         setup_seconds, epoch_seconds = time.perf_counter() - clock, []
 
@@ -137,7 +137,8 @@ def timing_line(setup: float, epoch_seconds: list[float], rest: float, capture: 
             f"{len(epoch_seconds)} epoch{'s' if len(epoch_seconds) > 1 else ''} (first {epoch_seconds[0]:.1f} s")
     if len(epoch_seconds) > 1:
         later = statistics.median(epoch_seconds[1:])
-        line += f", later median {later:.1f} s: warm-up ≈ {epoch_seconds[0] - later:.1f} s"
+        line += f", later median {later:.1f} s" + (f": warm-up ≈ {epoch_seconds[0] - later:.1f} s"
+                                                    if epoch_seconds[0] > later else "")
     line += f"{f', graph capture {capture:.2f} s' if capture else ''}); evaluation and checkpoints {rest:.1f} s"
     return line
 

@@ -102,6 +102,17 @@ def test_an_existing_run_is_never_overwritten_without_overwrite(finished_run, di
     assert _snapshot(*_outputs(csv_path)) == before
 
 
+def test_an_existing_run_made_with_other_settings_is_named_and_resume_not_offered(finished_run, digits_root, tmp_path,
+                                                                                   capsys):
+    csv_path = _copy_run(finished_run, tmp_path)
+    before = _snapshot(*_outputs(csv_path))
+    assert main_module.main(_args(digits_root, csv_path, "--lr", "0.001")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "made with other settings (lr 0.0002 -> 0.001)" in err and "--resume" not in err
+    assert "choose another --csv" in err and "--overwrite" in err
+    assert _snapshot(*_outputs(csv_path)) == before
+
+
 def test_overwrite_starts_afresh(finished_run, digits_root, tmp_path):
     csv_path = _copy_run(finished_run, tmp_path)
     csv_path.write_text(",".join(CSV_COLUMNS) + "\n" + "7,1,1,1,1,1,1,1,1,1\n")  # a stranger's row
