@@ -206,32 +206,46 @@ class HostStaging:
 
 
 class CheckpointWriter:
-    """Writes each epoch's checkpoint and then its CSV row on one background thread, so training goes on
-    while ~440 MB reach the disk. The state is copied to the host first (HostStaging, at the epoch
-    boundary); writes happen one at a time, in epoch order, and the next copy waits for the previous
-    write, whose buffers it reuses; close() waits for the last one, so an interrupted run still finishes
-    writing the epoch it had completed. Signals only ever reach the main thread, never a write in progress."""
+    """Each epoch's CSV row, and the training state when it is due, written on one background thread, so
+    training goes on while ~440 MB reach the disk. Every epoch's state is copied to the host first
+    (HostStaging, at the epoch boundary), so that a run that stops before the next write still writes its
+    last finished epoch (write_latest). Writes happen one at a time, in epoch order, and the next copy waits
+    for the previous write, whose buffers it reuses; close() waits for the last one. Signals only ever reach
+    the main thread, never a write in progress."""
 
     def __init__(self, path: Path, results: ResultsWriter):
         self.path, self.results = path, results
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self.pending: Future | None = None
         self.staging = HostStaging()
+        self.unwritten: tuple[dict, torch.cuda.Event | None, str] | None = None  # a staged state not on disk yet
 
-    def submit(self, payload: dict, row: dict) -> None:
+    def submit(self, payload: dict, row: dict, write_state: bool) -> None:
         self.wait()
         intact = ("; the epochs before it are saved: free some space, then continue with --resume" if row["epoch"] > 1
                   else "; no epoch was saved yet: free some space, then start again with --overwrite")
         with writing(self.path, intact):  # the host copy can run out of memory
             state, copied = self.staging.stage(payload)
-        self.pending = self.executor.submit(self._write, state, copied, row, intact)
+        self.unwritten = None if write_state else (state, copied, intact)
+        self.pending = self.executor.submit(self._write, state if write_state else None, copied, row, intact)
 
-    def _write(self, payload: dict, copied: torch.cuda.Event | None, row: dict, intact: str) -> None:
-        if copied is not None:
-            copied.synchronize()
-        with writing(self.path, intact):
-            save_checkpoint(self.path, payload)
+    def _write(self, payload: dict | None, copied: torch.cuda.Event | None, row: dict, intact: str) -> None:
+        if payload is not None:
+            if copied is not None:
+                copied.synchronize()
+            with writing(self.path, intact):
+                save_checkpoint(self.path, payload)
         self.results.append(row, intact)
+
+    def write_latest(self) -> None:
+        """The last epoch's staged state, when it was not written yet (a run stopping between writes)."""
+        self.wait()
+        if self.unwritten is not None:
+            (state, copied, intact), self.unwritten = self.unwritten, None
+            if copied is not None:
+                copied.synchronize()
+            with writing(self.path, intact):
+                save_checkpoint(self.path, state)
 
     def wait(self) -> None:
         if self.pending is not None:

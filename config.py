@@ -164,6 +164,10 @@ class Config:
                                       "TensorBoard scalars in this folder, one run per CSV stem (TENSORBOARD/STEM) with "
                                       "the settings as its hparams; never changes a result", "output", parse=str)
     eval_batch_size: int = setting(2048, "images per evaluation chunk", "output", parse=positive_int)
+    checkpoint_every: float = setting(10.0, "minutes between writes of the training state (.pt: weights, optimisers, "
+                                      "random states; ~440 MB for the SVHN network) besides the one after the last "
+                                      "epoch and the one when a run stops early; 0: after every epoch", "output",
+                                      parse=non_negative_float)
     resume: bool = setting(False, "continue the run whose checkpoint (same stem as --csv, .pt) is beside --csv",
                            "output")
     overwrite: bool = setting(False, "replace an existing --csv, its .json and .pt (without it, an existing run is "

@@ -13,10 +13,12 @@ any moment and continue exactly, and never clobber another's files.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -68,13 +70,23 @@ def check_output(config: Config) -> None:
     if holder:
         raise OutputError(locked_message(csv_path, holder))
     existing = [path for path in outputs if path.exists()]
-    if config.resume and not checkpoint.exists():
+    if config.resume and not checkpoint.exists() and not _recorded_with_these_settings(csv_path, config):
         fix = ("start it again with --overwrite instead of --resume" if existing else "run without --resume to start")
         raise OutputError(f"--resume: there is no checkpoint {checkpoint} to continue from; {fix}")
     if not config.resume and not config.overwrite and existing:
         fix = (_advice(checkpoint, config) if checkpoint.exists() else
                f"no checkpoint {checkpoint} is there to resume it from: add --overwrite to replace it")
         raise OutputError(f"--csv {csv_path}: {existing[0]} already exists; {fix}")
+
+
+def _recorded_with_these_settings(csv_path: Path, config: Config) -> bool:
+    """Whether results.json beside the CSV records a run with this config's result settings: one that stopped
+    before its first training state was written, which --resume then starts again from epoch 1."""
+    try:
+        recorded = json.loads(record_path(csv_path).read_text())["config"]
+        return not config_differences(saved_config({"config": recorded}), asdict(config), result_settings())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _advice(checkpoint: Path, config: Config) -> str:
@@ -136,7 +148,7 @@ def check_seed_outputs(config: Config, seeds: list[Config]) -> None:
         elif path.exists():
             check_output(each)
             check_resumable(load_checkpoint(path, verify=False), each, path)
-        elif _holds_rows(Path(each.csv)):
+        elif _holds_rows(Path(each.csv)) and not _recorded_with_these_settings(Path(each.csv), each):
             raise OutputError(f"--resume: seed {each.seed}'s {each.csv} holds finished epochs but its checkpoint {path} "
                               "is gone; restore it, or --overwrite to start every seed afresh")
         else:  # never finished an epoch: nothing to lose
@@ -244,12 +256,16 @@ class RunFiles:
         self.writer: CheckpointWriter | None = None
         self.board = None
         self._held = contextlib.ExitStack()
+        self.state_written = time.monotonic()  # when the training state was last written (--checkpoint-every)
 
     def __enter__(self) -> "RunFiles":
         with contextlib.ExitStack() as entering:
             entering.enter_context(run_lock(self.csv))
             entering.enter_context(SignalGuard())
-            if self.config.resume:
+            if self.config.resume and not self.saved_path.exists():  # check_output found its record: same settings
+                print(f"note: {self.csv} stopped before its first training state was written; starting again from "
+                      "epoch 1")
+            elif self.config.resume:
                 self.checkpoint = load_checkpoint(self.saved_path)
                 check_resumable(self.checkpoint, self.config, self.saved_path)
                 self.rows = list(self.checkpoint["rows"])
@@ -291,9 +307,12 @@ class RunFiles:
                              f"{method.LOSSES} (the CSV's loss columns) do not name")
         payload = checkpoint_payload(self.config, method, streams, self.files, self.classes, self.rows + [row],
                                      self.resumed_at, self.made_by)
+        every, now = self.config.checkpoint_every * 60, time.monotonic()
+        due = every == 0 or row["epoch"] >= self.config.epochs or now - self.state_written >= every
+        self.state_written = now if due else self.state_written
         self.writer.wait()  # the record is the writer thread's until its last write is done
         self.writer.results.record["iteration"] = iteration
-        self.writer.submit(payload, row)
+        self.writer.submit(payload, row, write_state=due)
         self.rows.append(row)
         if self.board is not None:
             self._curves(lambda board: board.add_epoch(row))
@@ -352,7 +371,11 @@ class RunFiles:
         with SignalGuard.deferring() as arrived:  # the epoch being written is finished, whatever happens
             try:
                 if self.writer is not None:
-                    self.writer.close()
+                    try:
+                        if error is not None and not isinstance(error, OutputError):  # stopping early: keep the last epoch
+                            self.writer.write_latest()
+                    finally:
+                        self.writer.close()
             finally:
                 if self.board is not None:
                     self.board.close()
