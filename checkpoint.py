@@ -7,7 +7,7 @@ files' checksums and every CSV row so far. It is written atomically (temp file i
 fsync, rename), so a crash while saving leaves the previous one intact, and it is read back with
 torch.load(weights_only=True): tensors and plain containers only, never pickled code. A SHA-256 of
 its contents is stored inside and checked on loading, so a damaged file is refused, not resumed.
-CheckpointWriter writes each epoch's checkpoint, then its CSV row, on a background thread.
+CheckpointWriter writes each epoch's CSV row, and the state when it is due, on a background thread.
 """
 
 from __future__ import annotations

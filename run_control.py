@@ -242,7 +242,7 @@ class RunFiles:
     --resume, reads the checkpoint and refuses one that cannot continue this run. start() puts the
     checkpoint back into the method and streams (or removes a stale one) and opens the writers: the CSV
     (header plus the checkpoint's rows), results.json and, with --tensorboard, a TensorBoard run.
-    save_epoch() hands each epoch to the background writer: the checkpoint, then its CSV row. Leaving
+    save_epoch() hands each epoch to the background writer: the state when due, then its CSV row. Leaving
     waits for the last write, whatever happened, and turns a signal into RunStopped."""
 
     def __init__(self, config: Config, command: list[str]):
@@ -299,7 +299,7 @@ class RunFiles:
 
     def save_epoch(self, row: dict, method: SourceOnly, streams: tuple[BatchStream, BatchStream], iteration: dict
                    ) -> None:
-        """The epoch's checkpoint, then its CSV row, written in the background (the two always agree);
+        """The epoch's CSV row, and its training state when due (--checkpoint-every), in the background;
         `iteration` (how iterations ran, and why a CUDA graph was given up) goes into results.json."""
         unknown = set(row) - set(csv_columns(method.LOSSES))
         if unknown:  # never dropped silently

@@ -10,7 +10,7 @@ summarises; evaluate_checkpoint scores a saved model.
         for each iteration:  losses = step(source batch, target batch)    TrainStep -> method.update
                                                                            MCD: step_a, step_b, step_c
         evaluate (source test; target test F1, F2, ensemble; label-free scores on target training images)
-        run.save_epoch: the epoch's checkpoint, then its CSV row
+        run.save_epoch: the epoch's CSV row, and its training state when due
       run.finish: the target confusion matrix, the validators' picks
 """
 
