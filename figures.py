@@ -1,7 +1,8 @@
 """Pictures written as PNG files, from plain numbers: the atomic figure writer and the confusion matrix.
 
 Free of torch (plot_results.py must never import it) and of the training code: the training loop,
---evaluate and visualize.py hand over predictions and labels as numpy arrays.
+--evaluate and visualize.py hand over predictions and labels as numpy arrays. matplotlib (headless, Agg)
+is imported when a picture is drawn, not when the training code starts.
 """
 
 from __future__ import annotations
@@ -9,14 +10,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (chosen before pyplot is first imported)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
-def save_figure(figure: plt.Figure, out: Path, dpi: int = 120) -> None:
+def save_figure(figure, out: Path, dpi: int = 120) -> None:
     """A PNG drawn into a temp file beside `out`, then renamed: an existing picture is replaced whole or
     not at all. Closes the figure; raises OSError."""
     tmp = out.with_name(out.name + ".tmp")
@@ -24,7 +31,7 @@ def save_figure(figure: plt.Figure, out: Path, dpi: int = 120) -> None:
         figure.savefig(tmp, dpi=dpi, format="png")
         os.replace(tmp, out)
     finally:
-        plt.close(figure)
+        pyplot().close(figure)
         tmp.unlink(missing_ok=True)
 
 
@@ -39,7 +46,7 @@ def save_confusion(predicted: np.ndarray, labels: np.ndarray, out: Path, title: 
     matrix = confusion_matrix(predicted, labels, classes)
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     few = classes <= 10  # the digits: counts fit in the cells; 43 signs: colours and every fifth tick
-    figure, axes = plt.subplots(figsize=(6.4, 5.6) if few else (9.6, 8.4))
+    figure, axes = pyplot().subplots(figsize=(6.4, 5.6) if few else (9.6, 8.4))
     image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for true in range(classes if few else 0):
         for guess in range(classes):
