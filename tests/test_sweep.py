@@ -25,7 +25,8 @@ def _launch(data_root: Path, out: Path, *extra: str, epochs: int = 2, methods: t
     return [sys.executable, str(ROOT / "sweep.py"), "launch", "--out", str(out), "--pairs", "mnist:usps",
             "--methods", *methods, "--seeds", "1-2", "--gpus", "0", "--wait",
             "--data-root", str(data_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
-            "--epochs", str(epochs), "--iters-per-epoch", "2", "--batch-size", "8", "--num-k", "1", *extra]
+            "--epochs", str(epochs), "--iters-per-epoch", "2", "--batch-size", "8", "--num-k", "1",
+            "--checkpoint-every", "0", *extra]  # a state after every epoch: what is killed continues from one
 
 
 def _last_rows(folder: Path) -> list[float]:
