@@ -111,11 +111,17 @@ def _is_a_run(csv_path: Path) -> bool:
     return checkpoint_path(csv_path).exists() or record_path(csv_path).exists()
 
 
+def _derived_from(path: Path) -> tuple[Path, str] | None:
+    """(the run's CSV, the suffix) when path is a file a run writes beside its CSV (STEM_selection.csv, ...)."""
+    for suffix in DERIVED:
+        if path.stem.endswith(suffix) and _is_a_run(base := path.with_name(path.stem.removesuffix(suffix) + path.suffix)):
+            return base, suffix
+    return None
+
+
 def belongs_to_a_run(path: Path) -> bool:
     """Whether path is a run's CSV, or a file a run writes beside its CSV (STEM_selection.csv, ...)."""
-    return _is_a_run(path) or any(path.stem.endswith(suffix) and _is_a_run(path.with_name(path.stem.removesuffix(suffix)
-                                                                                          + path.suffix))
-                                  for suffix in DERIVED)
+    return _is_a_run(path) or _derived_from(path) is not None
 
 
 def _refuse_another_runs_names(csv_path: Path) -> None:
@@ -126,10 +132,10 @@ def _refuse_another_runs_names(csv_path: Path) -> None:
         if _is_a_run(derived):
             raise OutputError(f"--csv {csv_path}: {derived}, a file this run writes, holds another run's results "
                               f"(its checkpoint or record is beside it); choose another --csv name")
-        if csv_path.stem.endswith(suffix) and _is_a_run(base := csv_path.with_name(csv_path.stem.removesuffix(suffix)
-                                                                                   + csv_path.suffix)):
-            raise OutputError(f"--csv {csv_path} is a file that the run {base} writes ({suffix[1:].replace('_', ' ')}); "
-                              "choose another --csv name")
+    if owner := _derived_from(csv_path):
+        base, suffix = owner
+        raise OutputError(f"--csv {csv_path} is a file that the run {base} writes ({suffix[1:].replace('_', ' ')}); "
+                          "choose another --csv name")
 
 
 def check_seed_outputs(config: Config, seeds: list[Config]) -> None:
