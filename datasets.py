@@ -2,7 +2,7 @@
 splits on the device as uint8, and the random index batches drawn from them.
 
 A record says everything this project knows about a dataset: how its files are found and read
-(dataset_files.py), its class names, whether it is in colour, and its default network. Pairs, image
+(dataset_files.py, downloads.py), its class names, whether it is in colour, and its default network. Pairs, image
 formats and networks derive from the records: a pair shares its class names; every image is brought
 to the run's network's input (models.NETWORKS: size, grey or RGB) once at load time, as the original
 code did (MNIST resized 28 -> 32 and repeated to RGB beside SVHN; USPS 16 -> 28 beside MNIST). Every
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset_files import (SIGN_CLASSES, DataError, DataFile, Split, held_out, missing_gtsrb, missing_mnist,
-                           missing_svhn, missing_synsig, missing_usps, read_gtsrb, read_mnist, read_svhn,
-                           read_synsig, read_usps, rgb_image)
+from dataset_files import Split, held_out, read_gtsrb, read_mnist, read_svhn, read_synsig, read_usps, rgb_image
+from downloads import (SIGN_CLASSES, DataError, DataFile, missing_gtsrb, missing_mnist, missing_svhn, missing_synsig,
+                       missing_usps)
 from models import NETWORKS
 
 

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import hashlib
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Iterator, TextIO
 
 import torch
-import torchvision
 
 from config import Config, device_name, protocol_values
 from datasets import DataFile
@@ -232,7 +232,7 @@ def run_record(config: Config, files: list[DataFile], device: torch.device, iter
         "device": device_name(device),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": importlib.metadata.version("torchvision"),
         "data_files": [asdict(f) for f in files],
         "epochs_completed": 0,
         "final_row": None,

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 import scipy.io
 import torch
 
-import dataset_files
+from conftest import ROOT
+import downloads
 import datasets
 from datasets import BatchStream, DataError, load_digits, to_model_input
 
@@ -95,9 +98,9 @@ def test_checksum_mismatch_refused_without_flag(fresh_root):
     with pytest.raises(DataError) as error:
         _load(root, allow_unverified=False)
     message = str(error.value)
-    actual = dataset_files.calculate_md5(root / "svhn" / "train_32x32.mat")
+    actual = downloads.calculate_md5(root / "svhn" / "train_32x32.mat")
     assert "train_32x32.mat" in message and actual in message
-    assert dataset_files.SVHN_FILES["train"][2] in message and "--allow-unverified-data" in message
+    assert downloads.SVHN_FILES["train"][2] in message and "--allow-unverified-data" in message
 
 
 def test_unverified_files_load_with_flag_and_warn(fresh_root, capsys):
@@ -106,14 +109,29 @@ def test_unverified_files_load_with_flag_and_warn(fresh_root, capsys):
     assert len(data.files) == 6 and not any(f.verified for f in data.files)
     assert capsys.readouterr().err.count("warning:") == 6
     for f in data.files:
-        assert f.md5 == dataset_files.calculate_md5(f.path)
+        assert f.md5 == downloads.calculate_md5(f.path)
+
+
+def test_official_urls_and_md5s_are_torchvisions():
+    """downloads.py keeps torchvision's tables as text (its import costs every run ~1.6 s): they must agree."""
+    from torchvision.datasets import MNIST, SVHN, USPS
+
+    assert downloads.SVHN_FILES == {split: tuple(SVHN.split_list[split]) for split in ("train", "test")}
+    assert downloads.USPS_FILES == {split: tuple(USPS.split_list[split]) for split in ("train", "test")}
+    assert downloads.MNIST_GZ_MD5 == dict(MNIST.resources) and downloads.MNIST_MIRRORS == list(MNIST.mirrors)
+
+
+def test_training_never_imports_torchvision():
+    """A run reads its files without torchvision (imported only to download or read a folder)."""
+    code = "import sys, main; sys.exit('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
 def _pretend_official(monkeypatch, root: Path) -> None:
     """Make the fixture files 'the official release' by patching the expected MD5s to theirs."""
-    svhn = {s: (url, name, dataset_files.calculate_md5(root / "svhn" / name)) for s, (url, name, _) in dataset_files.SVHN_FILES.items()}
-    mnist = {gz: dataset_files.calculate_md5(root / "MNIST" / "raw" / gz) for gz in dataset_files.MNIST_GZ_MD5}
-    for table, values in ((dataset_files.SVHN_FILES, svhn), (dataset_files.MNIST_GZ_MD5, mnist)):
+    svhn = {s: (url, name, downloads.calculate_md5(root / "svhn" / name)) for s, (url, name, _) in downloads.SVHN_FILES.items()}
+    mnist = {gz: downloads.calculate_md5(root / "MNIST" / "raw" / gz) for gz in downloads.MNIST_GZ_MD5}
+    for table, values in ((downloads.SVHN_FILES, svhn), (downloads.MNIST_GZ_MD5, mnist)):
         for key, value in values.items():  # in place: each dataset's record reads these tables
             monkeypatch.setitem(table, key, value)
 
@@ -182,11 +200,11 @@ def test_download_fetches_missing_files_into_torchvision_layout(fresh_root, tmp_
         origin = source / ("svhn" if name.endswith(".mat") else "MNIST/raw") / name
         shutil.copy(origin, Path(root) / filename)
 
-    monkeypatch.setattr(dataset_files, "download_url", fake_download_url)
+    monkeypatch.setattr(downloads, "download_url", fake_download_url)
     target = tmp_path / "fresh"
     data = _load(target, download=True)
     assert sorted(requested) == sorted(
-        [url for url, _, _ in dataset_files.SVHN_FILES.values()] + [dataset_files.MNIST_MIRRORS[0] + gz for gz in dataset_files.MNIST_GZ_MD5]
+        [url for url, _, _ in downloads.SVHN_FILES.values()] + [downloads.MNIST_MIRRORS[0] + gz for gz in downloads.MNIST_GZ_MD5]
     )
     assert (target / "svhn" / "train_32x32.mat").exists()
     assert (target / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
@@ -198,7 +216,7 @@ def test_download_failure_names_url_file_and_offline_route(tmp_path, monkeypatch
     def offline(url, root, filename, md5):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(dataset_files, "download_url", offline)
+    monkeypatch.setattr(downloads, "download_url", offline)
     with pytest.raises(DataError) as error:
         _load(tmp_path / "data", download=True)
     message = str(error.value)

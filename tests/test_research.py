@@ -14,8 +14,8 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from torchvision.datasets.mnist import read_image_file, read_label_file
 
-import dataset_files
 import datasets
 import main as main_module
 import models
@@ -191,7 +191,9 @@ def test_mnist_to_usps_is_28x28_grey_with_usps_labels_0_to_9(fresh_root):
     assert data.source_train.images.shape == (300, 1, 28, 28) and data.target_train.images.shape == (240, 1, 28, 28)
     assert data.target_test.images.shape == (120, 1, 28, 28) and data.target_train.images.dtype == torch.uint8
     assert data.target_train.labels.tolist() == labels["usps_train"].tolist()  # LIBSVM's 1..10 -> digits 0..9
-    assert torch.equal(data.source_test.images[:, 0], dataset_files.read_image_file(str(root / "MNIST/raw/t10k-images-idx3-ubyte")))
+    # The IDX reader reads what torchvision's reads.
+    assert torch.equal(data.source_test.images[:, 0], read_image_file(str(root / "MNIST/raw/t10k-images-idx3-ubyte")))
+    assert torch.equal(data.source_test.labels, read_label_file(str(root / "MNIST/raw/t10k-labels-idx1-ubyte")).long())
     # The class pattern survives the 16 -> 28 resize: the bright bar sits at the digit's column.
     digit = int(data.target_train.labels[0])
     columns = data.target_train.images[0, 0].float().mean(dim=0)

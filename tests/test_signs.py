@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import dataset_files
+import downloads
 import main as main_module
 import sweep
 from conftest import SIGN_CLASSES_USED, make_signs_root, read_rows, train_args
@@ -119,7 +120,7 @@ def test_pairs_across_digits_and_signs_are_refused(flags, shown, signs_root, tmp
 def _zip_gtsrb(root: Path, archives: Path) -> dict[str, list[tuple[str, str, str]]]:
     """The fixture's GTSRB as torchvision's three zips in `archives`; the archive table with their MD5s."""
     table = {}
-    for split, entries in dataset_files.GTSRB_ARCHIVES.items():
+    for split, entries in downloads.GTSRB_ARCHIVES.items():
         table[split] = []
         for name, _, extracts in entries:
             with zipfile.ZipFile(archives / name, "w") as archive:
@@ -141,15 +142,15 @@ def test_gtsrb_is_downloaded_checked_against_its_md5_and_extracted(signs_root, t
         requested.append(url)
         shutil.copy(archives / Path(url).name, Path(folder) / filename)
 
-    monkeypatch.setattr(dataset_files, "download_url", fake_download_url)
+    monkeypatch.setattr(downloads, "download_url", fake_download_url)
     root = tmp_path / "data"
     shutil.copytree(signs_root / "synsig", root / "synsig")
     reference = _load(signs_root)
     capsys.readouterr()
 
-    monkeypatch.setattr(dataset_files, "GTSRB_ARCHIVES", official)  # the fixture zips as "the official release"
+    monkeypatch.setattr(downloads, "GTSRB_ARCHIVES", official)  # the fixture zips as "the official release"
     data = _load(root, download=True, allow_unverified=False)
-    assert sorted(requested) == sorted(dataset_files.GTSRB_URL + name for name in
+    assert sorted(requested) == sorted(downloads.GTSRB_URL + name for name in
                                        ("GTSRB-Training_fixed.zip", "GTSRB_Final_Test_Images.zip", "GTSRB_Final_Test_GT.zip"))
     assert torch.equal(data.target_train.images, reference.target_train.images)
     assert torch.equal(data.target_test.labels, reference.target_test.labels)
@@ -163,7 +164,7 @@ def test_gtsrb_is_downloaded_checked_against_its_md5_and_extracted(signs_root, t
     def offline(url, folder, filename, md5):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(dataset_files, "download_url", offline)
+    monkeypatch.setattr(downloads, "download_url", offline)
     shutil.rmtree(root / "gtsrb")
     with pytest.raises(DataError, match="could not download https://sid.erda.dk/.*GTSRB-Training_fixed.zip"):
         _load(root, download=True)
