@@ -1,7 +1,7 @@
 """Run control: one object (RunFiles) owns everything a run writes and reads back, so that a run can stop at
 any moment and continue exactly, and never clobber another's files.
 
-- RunFiles: around a whole run: checks its outputs, holds their lock, turns SIGINT/SIGTERM into a
+- RunFiles: around a whole run: checks its outputs, holds their lock, turns SIGINT/SIGTERM/SIGUSR2 into a
   clean stop, restores a checkpoint on --resume, writes each epoch's checkpoint then its CSV row (in
   the background), the JSON record and TensorBoard scalars, and the run's last files;
 - check_output / check_seed_outputs: before any data is loaded, the results can be written where asked,
@@ -180,13 +180,13 @@ def _name_max(folder: Path) -> int:
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived: training stopped, the last checkpoint and CSV row are intact. A
+    """SIGINT, SIGTERM or SIGUSR2 arrived: training stopped, the last checkpoint and CSV row are intact. A
     BaseException, like KeyboardInterrupt, so that no `except Exception` mistakes it for a failure."""
 
     def __init__(self, signum: int):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.signum = signum
-        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM, 140 for SIGUSR2
 
 
 class RunStopped(Exception):
@@ -200,11 +200,12 @@ class RunStopped(Exception):
 
 
 class SignalGuard:
-    """SIGINT and SIGTERM stop training at once, as Interrupted. Handlers are installed only in the main
-    thread (Python allows no other) and the previous ones are restored on exit. Inside deferring(),
-    signals are noted instead, so that the last writes of a run are finished however many arrive."""
+    """SIGINT, SIGTERM and SIGUSR2 (what Slurm sends before a job's time limit, as submitit asks it to) stop
+    training at once, as Interrupted. Handlers are installed only in the main thread (Python allows no
+    other) and the previous ones are restored on exit. Inside deferring(), signals are noted instead, so
+    that the last writes of a run are finished however many arrive."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGUSR2] if hasattr(signal, "SIGUSR2") else []))
     deferred: list[int] | None = None  # the signals noted while deferring, else None
 
     def __enter__(self) -> "SignalGuard":
@@ -244,7 +245,7 @@ def save_target_confusion(model: SourceOnly, data: Digits, out: Path, title: str
 class RunFiles:
     """Everything one run writes and reads back, used around the whole run (`with RunFiles(config) as run:`).
 
-    Entering checks the outputs, takes their lock, catches SIGINT/SIGTERM (as Interrupted) and, on
+    Entering checks the outputs, takes their lock, catches SIGINT/SIGTERM/SIGUSR2 (as Interrupted) and, on
     --resume, reads the checkpoint and refuses one that cannot continue this run. start() puts the
     checkpoint back into the method and streams (or removes a stale one) and opens the writers: the CSV
     (header plus the checkpoint's rows), results.json and, with --tensorboard, a TensorBoard run.

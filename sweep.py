@@ -26,9 +26,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+import launchers
 from algorithms import METHODS
 from config import Config, non_negative_int, positive_float, positive_int, resolve, result_settings
 from datasets import DOMAINS, pair_error
@@ -41,6 +43,7 @@ from validators import VALIDATORS
 ROOT = Path(__file__).resolve().parent
 MANIFEST = "sweep.json"
 RESULTS = "results.csv"  # each job's --csv, inside its folder
+SLURM_JOBS = "slurm.json"  # job name -> the Slurm job id of its latest submission (status asks sacct about it)
 # main.py settings the grid sets itself, per job (by their parsed names: no spelling gets past).
 GRID_SETTINGS = ("source", "target", "method", "seed", "csv", "resume", "overwrite")
 
@@ -62,6 +65,9 @@ class Job:
 
     def csv(self, out: Path) -> Path:
         return out / self.name / RESULTS
+
+    def log(self, out: Path) -> Path:
+        return (out / self.name / "main.log").absolute()
 
     def argv(self, out: Path) -> list[str]:
         """main.py's flags for this job; a --tensorboard folder gets one subfolder per job (TB/JOB/results_seedN:
@@ -159,79 +165,6 @@ def save_jobs(out: Path, jobs: list[Job]) -> None:
         file.write(json.dumps({"jobs": [asdict(job) for job in jobs]}, indent=2) + "\n")
 
 
-def run_job(out: Path, job: Job, gpu: int | None, note: str = "") -> subprocess.Popen:
-    """main.py for one job, on `gpu` (all visible ones when None), its output appended to main.log
-    (after `note`)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    folder = out / job.name
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "main.log", "a") as log:
-        if note:
-            log.write(note + "\n")
-            log.flush()
-        return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *job.argv(out)], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-
-def pass_on(processes: list[subprocess.Popen], signum: int) -> None:
-    if sys.platform != "win32":  # on Windows, a console's Ctrl-C has reached every process in it already
-        for process in processes:
-            process.send_signal(signum)
-
-
-def work(out: Path, launch_id: str, gpu: int | None) -> int:
-    """One local worker: takes the next job of the launch that no worker has taken (an exclusive create of
-    its claim file, portable and atomic) and runs it, until none is left. A signal is passed on to the
-    run and stops the worker; so does a run that was interrupted. Exit: 0, 1 if a run failed, or 128+signal."""
-    claims = out / ".claims" / launch_id
-    stopped: list[int] = []
-    running: list[subprocess.Popen] = []
-
-    def stop(signum: int, frame) -> None:
-        stopped.append(signum)
-        pass_on(running, signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
-    failed = False
-    for job in load_jobs(out):
-        if stopped:
-            break
-        try:
-            os.close(os.open(claims / job.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:  # another worker has it, or it is not part of this launch
-            continue
-        if job.done(out):
-            continue
-        where = f"GPU {gpu}" if gpu is not None else "the visible devices"
-        running.append(run_job(out, job, gpu, f"== sweep worker {os.getpid()} on {where}"))
-        code = running[0].wait()
-        running.clear()
-        if code in (130, 143) or code < 0:  # the run was interrupted: so is the sweep
-            stopped.append(code if code > 0 else 128 - code)
-        failed |= code != 0
-    return (stopped[0] if stopped[0] > 128 else 128 + stopped[0]) if stopped else int(failed)
-
-
-def slurm_task(out: str, name: str) -> int:
-    """One Slurm array task: one job's main.py; its exit code."""
-    job = next(job for job in load_jobs(Path(out)) if job.name == name)
-    return run_job(Path(out), job, None).wait()
-
-
-def slurm_executor(folder: Path, args: argparse.Namespace):
-    """submitit's Slurm executor with the sweep's resources; one array task per job."""
-    import submitit
-
-    executor = submitit.AutoExecutor(folder=folder / "submitit" / "%j", cluster="slurm")
-    executor.update_parameters(name="mcd-sweep", timeout_min=args.time, gpus_per_node=args.gpus_per_job,
-                               mem_gb=args.mem, slurm_partition=args.partition,
-                               slurm_array_parallelism=args.array_parallelism)
-    return executor
-
-
 def checked_flags(flags: list[str]) -> list[str]:
     """The pass-through flags, read by main.py's own parser (no abbreviations); the grid's are refused."""
     namespace = main_parser().parse_args(flags)  # a bad flag: main.py's one-line error, exit 2
@@ -266,48 +199,75 @@ def launch(args: argparse.Namespace, flags: list[str]) -> int:
         print_table(out)
         return 0
     if args.launcher == "slurm":
-        try:
-            executor = slurm_executor(out, args)
-        except RuntimeError as error:  # submitit found no srun: not on a Slurm cluster
-            raise SweepError(f"--launcher slurm: {error} Run this on the cluster, or use --launcher local") from None
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        try:
-            submitted = executor.map_array(slurm_task, [str(out.absolute())] * len(pending), [job.name for job in pending])
-        except Exception as error:  # sbatch refused the array (partition, limits, ...): submitit raises its own
-            first = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
-            raise SweepError(f"--launcher slurm: sbatch refused the jobs ({first}); check --partition, --time, --mem "
-                             "and --gpus-per-job, then relaunch the same command") from None
-        print("submitted: " + ", ".join(job.job_id for job in submitted))
-        if not args.wait:
-            print(f"follow with: python sweep.py status {out}")
-            return 0
-        try:
-            codes = [job.result() for job in submitted]
-        except Exception as error:  # a task killed or failed outside main.py (submitit's UncompletedJobError)
-            raise SweepError(f"a Slurm task ended without a result ({type(error).__name__}); relaunch the same command "
-                             "to continue") from None
-        print_table(out)
-        return 0 if all(code == 0 for code in codes) else 1
+        return launch_slurm(out, pending, args)
     return launch_local(out, pending, args)
+
+
+def slurm_ids(out: Path) -> dict[str, str]:
+    record = out / SLURM_JOBS
+    try:
+        return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    except (OSError, ValueError):
+        raise SweepError(f"{record} is not the sweep's record of Slurm job ids; delete it (status then reads the "
+                         "jobs' files only)") from None
+
+
+def launch_slurm(out: Path, pending: list[Job], args: argparse.Namespace) -> int:
+    """One array job of the pending jobs that Slurm is not running or holding already (a relaunch of a
+    cancelled or failed job continues it from its checkpoint: main.py --resume)."""
+    known = slurm_ids(out)
+    queued = launchers.states([known[job.name] for job in pending if job.name in known])
+    waiting = {job.name for job in pending if job.name in known and launchers.waiting(queued.get(known[job.name], "GONE"))}
+    for name in sorted(waiting):
+        print(f"{name}: still in Slurm as job {known[name]} ({queued[known[name]]}), left as it is")
+    submit = [job for job in pending if job.name not in waiting]
+    if submit:
+        executor = launchers.executor(out, args.time, args.gpus_per_job, args.mem, args.partition, args.array_parallelism)
+        ids = launchers.submit(executor, [job.name for job in submit], [job.argv(out) for job in submit],
+                             [str(job.log(out)) for job in submit])
+        with atomic_text(out / SLURM_JOBS, "; the jobs were submitted, status will not know their ids") as file:
+            file.write(json.dumps({**slurm_ids(out), **ids}, indent=2) + "\n")
+        print("submitted: " + ", ".join(f"{name} as {job_id}" for name, job_id in ids.items()))
+    if not args.wait:
+        print(f"follow with: python sweep.py status {out}")
+        return 0
+    started = time.monotonic()  # a job unknown to sacct a minute after its submission is lost to Slurm
+    follow(out, pending, lambda states: any(state.startswith(("running", "queued")) or
+                                            (state.startswith("submitted") and time.monotonic() - started < 60)
+                                            for state in states.values()))
+    print_table(out)
+    return 0 if all(job.done(out) for job in pending) else 1
+
+
+def follow(out: Path, jobs: list[Job], going: Callable[[dict[str, str]], bool], every_s: float = 2.0) -> None:
+    """launch --wait: a line whenever a job's state changes (queued, running, done, failed, ...), until
+    `going(states)` is False."""
+    shown: dict[str, str] = {}
+    while True:
+        states = job_states(out, jobs)
+        for name, state in states.items():
+            if shown.get(name) != state.split(" (")[0].split(":")[0]:
+                shown[name] = state.split(" (")[0].split(":")[0]
+                print(f"{time.strftime('%H:%M:%S')} {name}: {state}", flush=True)
+        if not going(states):
+            return
+        time.sleep(every_s)
 
 
 def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int:
     """K workers per GPU (--jobs-per-gpu K; on the CPU with --gpus 0), each in its own session: Ctrl-C reaches them once."""
-    launch_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    claims = out / ".claims" / launch_id
+    queue = out / ".claims" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}" / "queue.json"
     try:
-        claims.mkdir(parents=True)
+        queue.parent.mkdir(parents=True)
     except OSError as error:
         raise SweepError(f"cannot write in {out} ({error.strerror}); free some space or choose another --out") from None
-    for job in load_jobs(out):  # only this launch's pending jobs are free to take
-        if job not in pending:
-            (claims / job.name).touch()
+    with atomic_text(queue, "") as file:  # this launch's pending jobs, in the manifest's order
+        json.dump([{"name": job.name, "argv": job.argv(out), "log": str(job.log(out))} for job in pending], file)
     gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
     # --jobs-per-gpu K: K workers per device, each with its own process (and CUDA context) on it
     slots = [gpu for gpu in range(max(gpus, 1)) for _ in range(args.jobs_per_gpu)][:len(pending)]
-    workers = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "_work", str(out.absolute()), launch_id,
-                                 *([str(gpu)] if gpus else [])], cwd=ROOT, start_new_session=True)
-               for gpu in slots]
+    workers = [subprocess.Popen([sys.executable, str(ROOT / "launchers.py"), str(queue.absolute()),
+                                 *([str(gpu)] if gpus else [])], cwd=ROOT, start_new_session=True) for gpu in slots]
     print(f"started {len(workers)} worker(s): pids {', '.join(str(w.pid) for w in workers)}"
           + (f" on GPUs {', '.join(map(str, slots))}" if gpus else " on the CPU"))
     if not args.wait:
@@ -317,10 +277,11 @@ def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int
 
     def stop(signum: int, frame) -> None:
         received.append(signum)
-        pass_on(workers, signum)
+        launchers.pass_on(workers, signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
+    follow(out, pending, lambda states: any(worker.poll() is None for worker in workers))
     codes = [worker.wait() for worker in workers]
     killed = [(worker, signal.Signals(-code).name) for worker, code in zip(workers, codes) if code < 0]
     for worker, _ in [] if received else killed:  # its run goes on in the worker's process group: stop it, saved
@@ -338,17 +299,39 @@ def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int
     return interrupted[0] if interrupted else (0 if all(code == 0 for code in codes) else 1)
 
 
-def job_state(out: Path, job: Job) -> str:
+def job_states(out: Path, jobs: list[Job]) -> dict[str, str]:
+    """Each job's state, from its files and, for a job submitted to Slurm, from sacct (one call for all)."""
+    known = slurm_ids(out)
+    try:
+        slurm = launchers.states([known[job.name] for job in jobs if job.name in known])
+    except launchers.SlurmError as error:  # e.g. the controller or its accounting is down: the files still tell
+        print(f"warning: {error}; the states below come from the jobs' files only", file=sys.stderr)
+        slurm = {}
+    return {job.name: job_state(out, job, known.get(job.name, ""), slurm.get(known.get(job.name, ""), ""))
+            for job in jobs}
+
+
+def job_state(out: Path, job: Job, slurm_id: str = "", slurm_state: str = "") -> str:
+    """done; running (who holds its lock); submitted, queued, cancelled or failed as Slurm says; not started;
+    failed: the last line of its log (and of submitit's, on Slurm)."""
     if job.done(out):
         return "done"
+    where = f"Slurm job {slurm_id}: {slurm_state}" if slurm_state else ""
     holder = lock_holder(job.csv(out))
-    if holder:
-        return f"running ({holder})"
-    log = out / job.name / "main.log"
-    if not log.exists():
+    if holder or (slurm_state and launchers.waiting(slurm_state)):
+        running = holder or slurm_state.startswith(("RUNNING", "COMPLETING"))
+        return f"{'running' if running else 'queued'} ({'; '.join(filter(None, [holder, where]))})"
+    if slurm_id and not slurm_state:  # sacct learns of a job seconds after its submission (or never, if cancelled pending)
+        return f"submitted (Slurm job {slurm_id}, not in Slurm's accounting yet)"
+    log = job.log(out)
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+    if slurm_state.startswith("CANCELLED"):
+        return f"cancelled ({where}): relaunch the same command to continue from its checkpoint"
+    if slurm_state and not slurm_state.startswith("COMPLETED"):  # FAILED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, ...
+        return f"failed ({where}): {' | '.join(lines[-1:] + launchers.log_tail(out, slurm_id, 1)) or 'no log'}"
+    if not lines:
         return "not started"
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return f"failed: {lines[-1] if lines else 'empty log'}"
+    return f"failed: {lines[-1]}"
 
 
 def describe(job: Job) -> str:
@@ -357,8 +340,9 @@ def describe(job: Job) -> str:
 
 
 def status(out: Path) -> int:
-    for job in load_jobs(out):
-        print(f"{job.name}: {job_state(out, job)} [{describe(job)}]")
+    jobs = load_jobs(out)
+    for job, state in zip(jobs, job_states(out, jobs).values()):
+        print(f"{job.name}: {state} [{describe(job)}]")
     return 0
 
 
@@ -414,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--wait", action="store_true", help="wait for every job, then print the table")
     go.add_argument("--time", type=positive_int, default=24 * 60, help="slurm: minutes a job may run")
     go.add_argument("--partition", default=None, help="slurm: the partition")
-    go.add_argument("--gpus-per-job", type=positive_int, default=1, help="slurm: GPUs per job")
+    go.add_argument("--gpus-per-job", type=non_negative_int, default=1, help="slurm: GPUs per job (0: none)")
     go.add_argument("--mem", type=positive_float, default=32, help="slurm: memory per job in GB")
     go.add_argument("--array-parallelism", type=positive_int, default=64, help="slurm: array tasks running at once")
     for name, text in (("status", "each job's state"), ("table", "the Table 1 summary")):
@@ -428,8 +412,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if hasattr(sys.stdout, "reconfigure"):  # a folder name that is not UTF-8 is printed escaped, never a traceback
         sys.stdout.reconfigure(errors="backslashreplace")
-    if argv[:1] == ["_work"]:  # a local worker, started by launch_local: OUT LAUNCH_ID [GPU]
-        return work(Path(argv[1]), argv[2], int(argv[3]) if len(argv) > 3 else None)
     parser = build_parser()
     args, flags = parser.parse_known_args(argv)
     try:
@@ -441,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             return status(Path(args.out))
         print_table(Path(args.out), args.validator)
         return 0
-    except (SweepError, OutputError) as error:
+    except (SweepError, OutputError, launchers.SlurmError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

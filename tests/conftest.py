@@ -6,8 +6,10 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
+import os
 import socket
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -163,6 +165,26 @@ def make_signs_root(root: Path, seed: int = 0, per_class: int = 6) -> dict[str, 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: real processes, signals, sweeps and fault injection: the full run only "
                                        "(the quick tier is -m 'not slow')")
+    config.addinivalue_line("markers", "slurm: needs a running Slurm cluster with accounting (.ci/slurm-start)")
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    """A reachable Slurm with accounting (.ci/slurm-start's, or a real one): without it the test is skipped,
+    saying why, except where MCD_REQUIRE_SLURM=1 (CI), where it fails."""
+    problems = []
+    for command in (["sinfo", "-h", "-o", "%T"], ["sacct", "-n", "-X", "-S", "now"]):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+            if done.returncode != 0:
+                problems.append(f"{command[0]}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
+        except (OSError, subprocess.TimeoutExpired) as error:
+            problems.append(f"{command[0]}: {error}")
+    if problems:
+        message = f"no Slurm cluster here ({'; '.join(problems)}); start one with: eval \"$(.ci/slurm-start)\""
+        if os.environ.get("MCD_REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 @pytest.fixture(autouse=True)

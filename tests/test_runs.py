@@ -230,8 +230,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_csv(deterministic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_and_sigint_keep_the_last_checkpoint_and_say_how_to_resume(digits_root, tmp_path, signum, code):
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR2, 140)])
+def test_sigterm_sigint_and_slurms_sigusr2_keep_the_last_checkpoint_and_say_how_to_resume(digits_root, tmp_path, signum, code):
     csv_path = tmp_path / "stopped.csv"
     process = _start(_args(digits_root, csv_path, epochs=50))
     _wait_for_rows(csv_path, 1, process)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import launchers
 import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,14 +159,16 @@ def test_slurm_parameters_are_built_without_a_cluster(tmp_path, monkeypatch):
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit looks for srun before it builds anything
     (bin_dir / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    args = argparse.Namespace(time=90, gpus_per_job=2, mem=48.0, partition="gpu-h100", array_parallelism=6)
-    executor = sweep.slurm_executor(tmp_path, args)
+    executor = launchers.executor(tmp_path, 90, 2, 48.0, "gpu-h100", 6)
     assert executor.cluster == "slurm"
     script = executor._executor._make_submission_file_text("python -m submitit.core._submit", "uid")
     for line in ("#SBATCH --partition=gpu-h100", "#SBATCH --gpus-per-node=2", "#SBATCH --mem=48GB",
-                 "#SBATCH --time=90", "#SBATCH --job-name=mcd-sweep"):
+                 "#SBATCH --time=90", "#SBATCH --job-name=mcd-sweep",
+                 f"#SBATCH --signal=USR2@{launchers.SIGNAL_DELAY_S}"):  # what main.py saves its state on
         assert line in script
     assert executor._executor.parameters["array_parallelism"] == 6
+    cpu_only = launchers.executor(tmp_path, 90, 0, 1.0, None, 6)._executor._make_submission_file_text("x", "uid")
+    assert "--gpus" not in cpu_only and "--partition" not in cpu_only
 
 
 def test_abbreviated_or_grid_flags_never_pass_through(tmp_path, capsys):
@@ -243,11 +245,19 @@ def test_a_refused_slurm_submission_is_one_line(tmp_path, monkeypatch, capsys):
         def map_array(self, *args):
             raise subprocess.CalledProcessError(1, ["sbatch"], output=b"sbatch: error: invalid partition specified: gpu")
 
-    monkeypatch.setattr(sweep, "slurm_executor", lambda folder, args: Refusing())
+    monkeypatch.setattr(launchers, "executor", lambda *args: Refusing())
     code = sweep.main(["launch", "--out", str(tmp_path / "sweep"), "--pairs", "mnist:usps", "--methods", "mcd",
                        "--launcher", "slurm", "--seeds", "1"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "sbatch refused the jobs" in err and "--partition" in err
+    assert code == 2 and err.count("\n") == 1 and "sbatch refused the jobs" in err and "check --partition," in err
+
+
+def test_slurm_not_installed_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun, sbatch or sacct here
+    code = sweep.main(["launch", "--out", str(tmp_path / "sweep"), "--pairs", "mnist:usps", "--methods", "mcd",
+                       "--launcher", "slurm", "--seeds", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Run this on the cluster, or use --launcher local" in err, err
 
 
 def test_main_refuses_a_huge_seed_range_at_once(capsys):
