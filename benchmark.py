@@ -26,16 +26,61 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from cli import HelpFormatter, OneLineErrors
+from config import (METHODS, NETWORKS, PRECISIONS, Config, SettingError, batch_images, configure_backends, device_name,
+                    positive_int, resolve, speed_label, switch, synchronize)
 
-from algorithms import ALGORITHMS, METHODS
-from config import (PRECISIONS, Config, SettingError, batch_images, configure_backends, device_name, positive_int,
-                    resolve, speed_label, switch, synchronize)
-from datasets import DOMAINS, BatchStream, Digits, DigitsSplit
-from iteration import EpochLosses, TrainStep, speed_up
-from cli import HelpFormatter
-from models import NETWORKS
-from train import batch_streams, evaluate_all
+
+def _chunk_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrors(prog="benchmark.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
+    add = parser.add_argument
+    add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda if available")
+    add("--method", choices=METHODS, default="mcd")
+    add("--network", choices=NETWORKS, default="svhn2mnist",
+        help="svhn2mnist: the SVHN -> MNIST network (3x32x32); usps: the MNIST <-> USPS one (1x28x28); syn2gtrsb: "
+             "the Synthetic Signs -> GTSRB one (3x40x40, 43 classes)")
+    add("--batch-size", type=batch_images, default=128, help="images per domain per iteration")
+    add("--num-k", type=positive_int, default=4, help="generator updates (step C) per iteration")
+    add("--iters", type=positive_int, default=None, help="timed iterations per repeat (default: 100 on CUDA, 3 on CPU)")
+    add("--repeats", type=positive_int, default=3, help="timed repeats; the median is reported")
+    add("--warmup", type=positive_int, default=10, help="untimed iterations first (at least the graph warm-up + 2)")
+    add("--precision", choices=("auto", *PRECISIONS), default="auto", help="as main.py")
+    for flag in ("--cuda-graph", "--compile", "--channels-last"):
+        add(flag, type=switch, default=None, metavar="{auto,on,off}", help="as main.py (default: auto)")
+    add("--full-epoch", action="store_true", help="time real-size epochs with evaluation instead")
+    add("--profile", action="store_true",
+        help="profile --iters iterations (default: 20 on CUDA, 2 on CPU) instead: device time by kernel group, a trace")
+    add("--evaluation", action="store_true",
+        help="time the per-epoch evaluation at the real test sizes for each --eval-batch-sizes chunk instead")
+    add("--eval-batch-sizes", type=_chunk_sizes, default=[1024, 2048, 4096, 8192, 16384], metavar="N,N,...",
+        help="--evaluation: the chunk sizes to time (main.py's --eval-batch-size)")
+    add("--trace", type=Path, default=Path("runs/profile/trace.json"), help="--profile: where the trace goes")
+    add("--sweep", action="store_true", help="run every variant in its own process and print a table")
+    add("--out", default=None, help="--sweep: also append each variant's JSON line to this file")
+    add("--timeout", type=float, default=300, help="--sweep: seconds allowed per variant")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a bad flag are answered here, before torch is imported
+
+import torch  # noqa: E402
+
+from algorithms import ALGORITHMS  # noqa: E402
+from datasets import DOMAINS, BatchStream, Digits, DigitsSplit  # noqa: E402
+from iteration import EpochLosses, TrainStep, speed_up  # noqa: E402
+from models import NETWORKS as NETWORK_RECORDS  # noqa: E402
+from train import batch_streams, evaluate_all  # noqa: E402
 
 # Train / test sizes of the real datasets (SVHN 'train' and 'test', MNIST train and test).
 REAL_SIZES = {"source_train": 73_257, "source_test": 26_032, "target_train": 60_000, "target_test": 10_000}
@@ -98,7 +143,7 @@ def _setup(config: Config, sizes: dict[str, int]) -> tuple[torch.device, Digits,
     """Synthetic data of the network's image format and a training step built as train.py builds it."""
     device = torch.device(config.device)
     configure_backends(config)
-    spec = NETWORKS[config.network]
+    spec = NETWORK_RECORDS[config.network]
     data = synthetic_digits(sizes, device, shape=(spec.channels, spec.size, spec.size), classes=CLASSES[config.network])
     torch.manual_seed(config.seed)
     method = ALGORITHMS[config.method](config, CLASSES[config.network], device, 1)
@@ -273,46 +318,6 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
     }
-
-
-def _chunk_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-    return sizes
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
-    add = parser.add_argument
-    add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda if available")
-    add("--method", choices=METHODS, default="mcd")
-    add("--network", choices=tuple(NETWORKS), default="svhn2mnist",
-        help="svhn2mnist: the SVHN -> MNIST network (3x32x32); usps: the MNIST <-> USPS one (1x28x28); syn2gtrsb: "
-             "the Synthetic Signs -> GTSRB one (3x40x40, 43 classes)")
-    add("--batch-size", type=batch_images, default=128, help="images per domain per iteration")
-    add("--num-k", type=positive_int, default=4, help="generator updates (step C) per iteration")
-    add("--iters", type=positive_int, default=None, help="timed iterations per repeat (default: 100 on CUDA, 3 on CPU)")
-    add("--repeats", type=positive_int, default=3, help="timed repeats; the median is reported")
-    add("--warmup", type=positive_int, default=10, help="untimed iterations first (at least the graph warm-up + 2)")
-    add("--precision", choices=("auto", *PRECISIONS), default="auto", help="as main.py")
-    for flag in ("--cuda-graph", "--compile", "--channels-last"):
-        add(flag, type=switch, default=None, metavar="{auto,on,off}", help="as main.py (default: auto)")
-    add("--full-epoch", action="store_true", help="time real-size epochs with evaluation instead")
-    add("--profile", action="store_true",
-        help="profile --iters iterations (default: 20 on CUDA, 2 on CPU) instead: device time by kernel group, a trace")
-    add("--evaluation", action="store_true",
-        help="time the per-epoch evaluation at the real test sizes for each --eval-batch-sizes chunk instead")
-    add("--eval-batch-sizes", type=_chunk_sizes, default=[1024, 2048, 4096, 8192, 16384], metavar="N,N,...",
-        help="--evaluation: the chunk sizes to time (main.py's --eval-batch-size)")
-    add("--trace", type=Path, default=Path("runs/profile/trace.json"), help="--profile: where the trace goes")
-    add("--sweep", action="store_true", help="run every variant in its own process and print a table")
-    add("--out", default=None, help="--sweep: also append each variant's JSON line to this file")
-    add("--timeout", type=float, default=300, help="--sweep: seconds allowed per variant")
-    return parser
 
 
 def sweep(args: argparse.Namespace, device: str) -> int:

@@ -265,7 +265,9 @@ def checkpoint_payload(config: Config, model: SourceOnly, streams: tuple[BatchSt
                        provenance: dict) -> dict:
     """Everything train() needs to continue after rows[-1]['epoch'] exactly as if it had never stopped:
     the method's whole state_dict (every network and buffer) and every optimiser, by name; the class
-    names its labels index; and the command line and code version that made it (results.provenance)."""
+    names its labels index; and the command line and code version that made it (results.provenance).
+    A finished run with --final-state weights keeps its networks and record only (`weights_only`)."""
+    weights_only = config.final_state == "weights" and rows[-1]["epoch"] == config.epochs
     return {
         "format_version": FORMAT_VERSION,
         "config": asdict(config),
@@ -275,10 +277,11 @@ def checkpoint_payload(config: Config, model: SourceOnly, streams: tuple[BatchSt
         "rows": rows,
         "resumed_at": resumed_at,
         "models": model.state_dict(),
-        "optimizers": {name: optimizer.state_dict() for name, optimizer in model.optimizers.items()},
-        "streams": [stream.state_dict() for stream in streams],
-        "rng": rng_state(model.device),
+        "optimizers": {} if weights_only else {name: state.state_dict() for name, state in model.optimizers.items()},
+        "streams": [] if weights_only else [stream.state_dict() for stream in streams],
+        "rng": None if weights_only else rng_state(model.device),
         "data_files": {Path(f.path).name: f.md5 for f in files},
+        "weights_only": weights_only,
     }
 
 
@@ -319,6 +322,9 @@ def check_resumable(checkpoint: dict, config: Config, path: Path) -> None:
                           "use the same flags, or --overwrite to start afresh")
     if checkpoint["epoch"] > config.epochs:
         raise ResumeError(f"--resume: {path} is already at epoch {checkpoint['epoch']}, past --epochs {config.epochs}")
+    if checkpoint.get("weights_only") and checkpoint["epoch"] < config.epochs:
+        raise ResumeError(f"--resume: {path} keeps the weights only (--final-state weights), not what training needs "
+                          f"to go on past epoch {checkpoint['epoch']}; --overwrite trains afresh")
 
 
 def restore_run(checkpoint: dict, model: SourceOnly, streams: tuple[BatchStream, BatchStream], files: list[DataFile],
@@ -330,6 +336,8 @@ def restore_run(checkpoint: dict, model: SourceOnly, streams: tuple[BatchStream,
         raise ResumeError(f"--resume: the dataset files changed since {path} was written ({', '.join(changed)}); "
                           "restore them, or --overwrite to start afresh")
     _load_networks(model, checkpoint, path)
+    if checkpoint.get("weights_only"):  # a finished run (check_resumable): nothing more to train
+        return
     missing = sorted(model.optimizers.keys() - checkpoint["optimizers"].keys())
     if missing:
         raise ResumeError(f"--resume: {path} holds no state for the optimiser(s) {missing}; --overwrite to start afresh")

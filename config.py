@@ -17,12 +17,20 @@ import random
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from datasets import DOMAINS, FOLDER, default_network, domain
-from models import BATCHNORM_INITS, NETWORKS
+if TYPE_CHECKING:
+    import torch
 
+# The names the flags accept, declared here so that reading flags needs no torch (--help, a bad flag answer
+# in about a second); the registries that implement them are keyed by exactly these (tests/test_layout.py).
+METHODS = ("mcd", "source_only", "dann")  # algorithms.ALGORITHMS
+DISCREPANCIES = ("l1", "swd")  # algorithms.DISCREPANCIES
+DATASETS = ("svhn", "mnist", "usps", "synsig", "gtsrb")  # datasets.DOMAINS
+FOLDER = "folder:"  # --source folder:DIR: the user's own images, a subfolder per class (datasets.folder_domain)
+NETWORKS = ("svhn2mnist", "usps", "syn2gtrsb")  # models.NETWORKS
+BATCHNORM_INITS = ("ones", "uniform")  # models.BATCHNORM_INITS
+VALIDATORS = ("val_entropy", "val_im", "val_snd", "val_bnm", "val_d", "source_acc")  # validators.VALIDATORS
 PRECISIONS = ("fp32", "tf32", "bf16")
 PROTOCOLS = ("default", "original")
 GROUPS = ("run", "method", "data", "output", "speed")
@@ -77,16 +85,16 @@ def seed_number(text: str) -> int:
 
 
 def dataset_name(text: str) -> str:
-    """A dataset of datasets.DOMAINS, or folder:DIR (an existing folder, made absolute so that the run's
+    """A dataset of DATASETS, or folder:DIR (an existing folder, made absolute so that the run's
     record and checkpoint name it wherever they are read)."""
-    if text in DOMAINS:
+    if text in DATASETS:
         return text
     if text.startswith(FOLDER) and len(text) > len(FOLDER):
         folder = os.path.abspath(text[len(FOLDER):])
         if not os.path.isdir(folder):
             raise argparse.ArgumentTypeError(f"{text}: no such folder (a subfolder of images per class belongs there)")
         return FOLDER + folder
-    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(DOMAINS)}, or folder:DIR)")
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(DATASETS)}, or folder:DIR)")
 
 
 def switch(text: str) -> bool | None:
@@ -128,26 +136,26 @@ class Config:
     # method
     method: str = setting("mcd", "the method, one of algorithms.ALGORITHMS: mcd = steps A, B, C; source_only = step "
                           "A alone (the paper's baseline); dann = domain-adversarial training (Ganin & Lempitsky "
-                          "2015)", "method", result=True)  # its choices: algorithms.METHODS (main.py)
+                          "2015)", "method", result=True, choices=METHODS)
     batch_size: int = setting(128, "images per domain per iteration", "method", result=True, parse=batch_images)
     lr: float = setting(2e-4, "Adam learning rate (every network)", "method", result=True, parse=positive_float)
     weight_decay: float = setting(5e-4, "Adam weight decay (L2)", "method", result=True, parse=non_negative_float)
     num_k: int = setting(4, "generator updates (step C) per iteration", "method", result=True, parse=positive_int)
     discrepancy: str = setting("l1", "l1: the paper's mean |p1 - p2|; swd: sliced Wasserstein discrepancy (Lee et "
-                               "al., CVPR 2019)", "method", result=True)  # its choices: algorithms.DISCREPANCIES
+                               "al., CVPR 2019)", "method", result=True, choices=DISCREPANCIES)
     swd_projections: int = setting(128, "random unit directions per SWD evaluation (fresh each step)", "method",
                                    result=True, parse=positive_int)
     batchnorm_init: str = setting("ones", "BatchNorm scales at initialisation: ones (PyTorch >= 1.0) or uniform "
                                   "U(0, 1) as PyTorch 0.2", "method", result=True, choices=BATCHNORM_INITS,
                                   auto="ones; uniform with --protocol original")
     # data
-    source: str = setting("svhn", f"labelled source dataset: one of {', '.join(DOMAINS)}, or folder:DIR (your own "
+    source: str = setting("svhn", f"labelled source dataset: one of {', '.join(DATASETS)}, or folder:DIR (your own "
                           "images, a subfolder per class; docs/your-data.md)", "data", result=True, parse=dataset_name)
     target: str = setting("mnist", "unlabelled target dataset, as --source; its labels are read only for the test "
                           "accuracy", "data", result=True, parse=dataset_name)
     network: str = setting("svhn2mnist", "G, F1 and F2, and the image size and channels every image is brought to: "
                                   "svhn2mnist 32x32 RGB, usps (LeNet-style) 28x28 grey, syn2gtrsb 40x40 RGB", "data",
-                                  result=True, choices=tuple(NETWORKS),
+                                  result=True, choices=NETWORKS,
                                   auto="the source's (MNIST <-> USPS: usps; SVHN: svhn2mnist; signs and folders as "
                                        "their record says); the target's when only the target is in colour")
     small_subsets: bool = setting(False, "the paper's MNIST <-> USPS protocol: random 2,000 MNIST / 1,800 USPS "
@@ -168,6 +176,10 @@ class Config:
                                       "random states; ~440 MB for the SVHN network) besides the one after the last "
                                       "epoch and the one when a run stops early; 0: after every epoch", "output",
                                       parse=non_negative_float)
+    final_state: str = setting("full", "what the .pt keeps once the run has finished: full (it can be continued "
+                               "with more --epochs) or weights (the networks and the run's record: all that "
+                               "--evaluate, visualize.py and predict.py read; a third of the bytes for the SVHN "
+                               "network)", "output", choices=("full", "weights"))
     resume: bool = setting(False, "continue the run whose checkpoint (same stem as --csv, .pt) is beside --csv",
                            "output")
     overwrite: bool = setting(False, "replace an existing --csv, its .json and .pt (without it, an existing run is "
@@ -212,6 +224,8 @@ def protocol_values(protocol: str, source: str, target: str) -> dict:
     MNIST <-> USPS runs is not reproduced: those keep the default one)."""
     if protocol == "default":
         return {}
+    from datasets import domain
+
     values = {"batchnorm_init": "uniform", "precision": "fp32"}
     for name in (source, target):
         values.update(domain(name).original_schedule or {})
@@ -219,6 +233,8 @@ def protocol_values(protocol: str, source: str, target: str) -> dict:
 
 
 def resolve_device(requested: str) -> str:
+    import torch
+
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if requested == "auto":
         return "cuda" if cuda else "mps" if mps else "cpu"
@@ -232,6 +248,8 @@ def resolve_device(requested: str) -> str:
 def resolve(given: dict[str, Any]) -> Config:
     """The Config of the flags given (Config field -> value; a switch given as auto is None): a flag given
     wins, then the protocol's value, then the device's rule for 'auto', then the declared default."""
+    from datasets import DOMAINS, default_network
+
     given = {name: value for name, value in given.items() if value is not None and value != "auto"}
     device = resolve_device(given.get("device", "auto"))
     cuda = device.startswith("cuda")
@@ -256,13 +274,15 @@ def resolve(given: dict[str, Any]) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------------
-# What a Config sets up in the process and on the device
+# What a Config sets up in the process and on the device (torch is imported here, never to read flags)
 
 
 def configure_backends(config: Config) -> None:
     """Process-wide numerics for this run: TF32 only when precision allows it (tf32, bf16: then every fp32
     matrix product and convolution on CUDA uses TF32 units, SWD's projection and the SND validator's
     similarities included), cuDNN autotuning on CUDA unless the run must be deterministic."""
+    import torch
+
     tf32 = config.precision != "fp32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
@@ -274,6 +294,9 @@ def configure_backends(config: Config) -> None:
 
 def seed_everything(seed: int) -> None:
     """torch (CPU and every device), numpy and Python: model init, dropout, anything else random."""
+    import numpy as np
+    import torch
+
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -290,6 +313,8 @@ def speed_label(config: Config) -> str:
 
 def device_name(device: torch.device) -> str:
     """The device in words, for the console and the results record."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
@@ -299,6 +324,8 @@ def device_name(device: torch.device) -> str:
 
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on the device (a no-op on the CPU): before reading a clock."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":

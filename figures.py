@@ -41,25 +41,39 @@ def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, classes: int = 1
 
 
 def save_confusion(predicted: np.ndarray, labels: np.ndarray, out: Path, title: str, classes: int = 10) -> np.ndarray:
-    """The confusion matrix of (N,) predicted classes against (N,) true ones as a PNG (colour: share of the
-    true class; text: counts, for up to 10 classes); returns the matrix."""
+    """The confusion matrix of (N,) predicted classes against (N,) true ones as a PNG, in one unit: the
+    percentage of each true class's images (colour and, for up to 10 classes, the number in each cell;
+    each row's image count beside its class). Returns the matrix of counts."""
     matrix = confusion_matrix(predicted, labels, classes)
-    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    few = classes <= 10  # the digits: counts fit in the cells; 43 signs: colours and every fifth tick
-    figure, axes = pyplot().subplots(figsize=(6.4, 5.6) if few else (9.6, 8.4))
-    image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    percent = 100.0 * matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    few = classes <= 10  # the digits: numbers fit in the cells; 43 signs: colours and every fifth tick
+    figure, axes = pyplot().subplots(figsize=(6.8, 5.8) if few else (9.6, 8.4))
+    image = axes.imshow(percent, cmap="Blues", vmin=0, vmax=100)
     for true in range(classes if few else 0):
         for guess in range(classes):
-            axes.text(guess, true, str(matrix[true, guess]), ha="center", va="center", fontsize=7,
-                      color="white" if share[true, guess] > 0.5 else "black")
+            axes.text(guess, true, f"{percent[true, guess]:.0f}", ha="center", va="center", fontsize=7,
+                      color="white" if percent[true, guess] > 50 else "black")
     accuracy = 100.0 * np.trace(matrix) / max(matrix.sum(), 1)
-    ticks = range(0, classes, 1 if few else 5)
-    axes.set(xticks=ticks, yticks=ticks, xlabel="predicted class", ylabel="true class",
-             title=f"{title}: accuracy {accuracy:.2f}%")
-    figure.colorbar(image, ax=axes, label="share of the true class")
+    ticks = list(range(0, classes, 1 if few else 5))
+    axes.set(xticks=ticks, yticks=ticks, xlabel="predicted class", ylabel="true class (its images)",
+             title=f"{title}\naccuracy {accuracy:.2f}% of {matrix.sum():,} images")
+    axes.set_yticklabels([f"{k} ({matrix[k].sum():,})" for k in ticks], fontsize=7 if few else 6)
+    figure.colorbar(image, ax=axes, label="% of the true class's images")
     figure.tight_layout()
     save_figure(figure, out, dpi=110)
     return matrix
+
+
+def dataset_label(name: str) -> str:
+    """A dataset as a picture names it: 'mnist', or the folder's own name for folder:DIR."""
+    return Path(name.removeprefix("folder:")).name if name.startswith("folder:") else name
+
+
+def run_title(settings: dict) -> str:
+    """What a run is, for a picture's title: 'mcd, svhn → mnist' (settings: a Config's or a CSV's record)."""
+    source, target = (dataset_label(str(settings.get(key, default))) for key, default in
+                      (("source", "svhn"), ("target", "mnist")))
+    return f"{settings.get('method', 'mcd')}, {source} → {target}"
 
 
 def picture_path(checkpoint: Path, kind: str) -> Path:

@@ -13,16 +13,9 @@ import traceback
 from dataclasses import Field
 from pathlib import Path
 
-import torch
-
-from algorithms import DISCREPANCIES, METHODS
 from cli import OneLineErrors
-from checkpoint import ResumeError, checkpoint_path
 from config import GROUPS, MAX_SEED, Config, SettingError, resolve, settings, switch
-from datasets import DataError
-from results import OutputError
-from run_control import RunStopped
-from train import evaluate_checkpoint, run_seeds, train
+from downloads import DataError
 
 
 MAX_SEEDS = 10_000  # one command's seeds: far more than a table needs, far fewer than memory allows
@@ -47,10 +40,6 @@ def seed_range(text: str) -> list[int]:
 def seed_list(args: argparse.Namespace) -> list[int] | None:
     """--seeds as one sorted list without repeats (its groups, e.g. '1-3 2 7', joined); None without it."""
     return sorted({seed for group in args.seeds for seed in group}) if args.seeds else None
-
-
-# Choices that live with the code that implements them.
-CHOICES_FROM_CODE = {"method": METHODS, "discrepancy": tuple(DISCREPANCIES)}
 
 
 def flag_name(setting: Field) -> str:
@@ -84,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
             action = "store_false" if setting.default else "store_true"
             group.add_argument(flag, dest=setting.name, action=action, help=shown)
         else:
-            choices = meta["choices"] or CHOICES_FROM_CODE.get(setting.name)
             metavar = "{auto,on,off}" if meta["parse"] is switch else None
-            group.add_argument(flag, dest=setting.name, type=meta["parse"], choices=choices, metavar=metavar, help=shown)
+            group.add_argument(flag, dest=setting.name, type=meta["parse"], choices=meta["choices"], metavar=metavar,
+                               help=shown)
     groups["run"].add_argument("--seeds", type=seed_range, nargs="+", default=None, metavar="SEED",
                                help="run once per seed (e.g. 1 2 3, or 1-5), each to CSV_seedN.csv, then write "
                                     "CSV_summary.csv with mean ± std of the last epoch; overrides --seed. One seed "
@@ -140,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = build_config(args, parser)
     seeds = seed_list(args)
+    # The training code (torch and all) only now: --help and a bad flag are answered without it.
+    import torch
+
+    from checkpoint import ResumeError
+    from results import OutputError
+    from run_control import RunStopped
+    from train import evaluate_checkpoint, run_seeds, train
+
     try:
         if args.evaluate:
             evaluate_checkpoint(args.evaluate, torch.device(config.device), getattr(args, "data_root", None),
@@ -174,7 +171,7 @@ def _fail(message: str, code: int, debug: bool) -> int:
 def _saved(csv: str, epochs: int) -> str:
     if epochs <= 0:
         return "no epoch had finished, so nothing was saved."
-    return f"{csv} and its checkpoint {checkpoint_path(Path(csv))} hold epochs 1-{epochs}."
+    return f"{csv} and its checkpoint {Path(csv).with_suffix('.pt')} hold epochs 1-{epochs}."
 
 
 def _command(argv: list[str], flag: str) -> str:

@@ -11,8 +11,8 @@ free of torch, so it runs anywhere matplotlib does.
 
 from __future__ import annotations
 
-import argparse
 import csv
+import json
 import math
 import re
 import statistics
@@ -24,7 +24,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from figures import save_figure  # noqa: E402  (the atomic PNG writer, shared with visualize.py and training)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from cli import HelpFormatter, OneLineErrors  # noqa: E402
+from figures import dataset_label, run_title, save_figure  # noqa: E402  (shared with visualize.py and training)
 
 # column -> legend text; colour marks the metric, line style marks the file (or the group of seeds)
 CURVES = {"source_acc": "source test", "target_acc_ensemble": "target test (ensemble)"}
@@ -127,33 +130,41 @@ def _draw(axes, runs: list[dict[str, list[float]]], column: str, style: str, lab
     colour = colour or COLOURS[column]
     epochs = min(len(run["epoch"]) for run in runs)
     x = runs[0]["epoch"][:epochs]
+    marker = dict(marker="o", markersize=3 if epochs <= 60 else 0)  # each epoch a point, while they can be told apart
     if len(runs) == 1:
-        axes.plot(x, runs[0][column], style, color=colour, label=label)
+        axes.plot(x, runs[0][column], style, color=colour, label=label, **marker)
         return
     values = [[run[column][i] for run in runs] for i in range(epochs)]
     # An epoch where a seed's value is not finite (inf, nan) has no mean: a gap in the line and band.
     finite = [all(math.isfinite(x) for x in v) for v in values]
     mean = [statistics.fmean(v) if ok else math.nan for v, ok in zip(values, finite)]
     std = [statistics.stdev(v) if ok else math.nan for v, ok in zip(values, finite)]
-    axes.plot(x, mean, style, color=colour, label=f"{label}, mean ± std")
+    axes.plot(x, mean, style, color=colour, label=f"{label}, mean ± std", **marker)
     axes.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                       color=colour, alpha=0.2, linewidth=0)
 
 
-def _scaled(values: list[float], lower_is_better: bool) -> list[float]:
-    """Values mapped onto [0, 1] over their own range, 1 = best by that score (lower-is-better ones flipped)."""
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return values
-    low, high = min(finite), max(finite)
-    span = (high - low) or 1.0
-    return [((high - v) if lower_is_better else (v - low)) / span if math.isfinite(v) else math.nan for v in values]
+def what_ran(paths: list[Path]) -> str:
+    """The runs' method, pair and data, from the results.json beside each CSV (where there is one)."""
+    seen = []
+    for path in paths:
+        try:
+            config = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["config"]
+            seen.append(f"{run_title(config)} (data: {dataset_label(Path(config['data_root']).name)})")
+        except (OSError, ValueError, KeyError, TypeError):  # no record beside it (a copied CSV): the file names say
+            continue
+    return "; ".join(dict.fromkeys(seen))
 
 
 def plot(paths: list[Path], out: Path, validators: bool = False) -> None:
     results = [read_results(p) for p in paths]  # read all first: a bad file stops before drawing
-    figure, panels = plt.subplots(3 if validators else 2, 1, figsize=(8, 11.5 if validators else 8), sharex=True)
-    accuracy, losses = panels[:2]
+    figure = plt.figure(figsize=(9, 14 if validators else 8.5))
+    heights = [3, 2, 1.6, 1.6] if validators else [3, 2]  # accuracy, losses, then two rows of small panels
+    grid = figure.add_gridspec(len(heights), 3, height_ratios=heights)
+    accuracy = figure.add_subplot(grid[0, :])
+    losses = figure.add_subplot(grid[1, :], sharex=accuracy)
+    scores = [figure.add_subplot(grid[2 + i // 3, i % 3]) for i in range(len(VALIDATORS))] if validators else []
+    twins: dict[str, object] = {}  # each small panel's right axis: target accuracy
     loss_colours = {column: LOSS_COLOURS[i % len(LOSS_COLOURS)] for i, column in enumerate(loss_columns(results))}
     for index, (label, members) in enumerate(_groups(paths)):
         style = LINE_STYLES[index % len(LINE_STYLES)]
@@ -162,25 +173,35 @@ def plot(paths: list[Path], out: Path, validators: bool = False) -> None:
             _draw(accuracy, runs, column, style, f"{label}: {text}")
         for column, colour in loss_colours.items():
             _draw(losses, runs, column, style, f"{label}: {column}", colour)
-        if validators:  # each run scaled on its own, then drawn as one line or the seeds' mean ± std
-            scales = {**{column: direction == "lower" for column, (_, direction) in VALIDATORS.items()},
-                      "target_acc_ensemble": False}
-            scaled = [{"epoch": run["epoch"], **{c: _scaled(run[c], lower) for c, lower in scales.items() if c in run}}
-                      for run in runs]
-            for column, (text, direction) in {**VALIDATORS, "target_acc_ensemble": ("target test accuracy", "higher")
-                                              }.items():
-                _draw(panels[2], scaled, column, style, f"{label}: {text} ({direction} is better)")
+        for axes, (column, (text, direction)) in zip(scores, VALIDATORS.items()):
+            # each score in its own units over the whole run, target accuracy beside it on the right
+            _draw(axes, runs, column, style, label)
+            axes.set_title(f"{text} ({direction} is better)", fontsize="small")
+            if column not in twins:
+                twins[column] = axes.twinx()
+            twin = twins[column]
+            _draw(twin, runs, "target_acc_ensemble", style, f"{label}: target accuracy")
+            twin.tick_params(labelsize="x-small", colors=COLOURS["target_acc_ensemble"])
+    figure.suptitle(what_ran(paths) or "results", fontsize="medium")
     accuracy.set_ylabel("accuracy (%)")
     accuracy.set_title("test accuracy per epoch")
     losses.set_ylabel("epoch mean (log scale)")
     losses.set_yscale("log")
     losses.set_title("training losses (the method's CSV columns)")
-    if validators:
-        panels[2].set_ylabel("scaled to its range (1 = best)")
-        panels[2].set_title("label-free validators and target accuracy (target labels: reference only)")
-    panels[-1].set_xlabel("epoch")
-    for axes in panels:
+    for axes in scores:
+        axes.tick_params(labelsize="x-small")
+        axes.set_xlabel("epoch", fontsize="x-small")
+    if scores:  # the sixth cell says how to read the five beside it
+        key = figure.add_subplot(grid[3, 2])
+        key.axis("off")
+        key.text(0, 0.5, "label-free validators: each in its own\nunits (left axis, the score's colour);\n"
+                 "target test accuracy in red on the\nright axis: for reference only, it\nuses target labels",
+                 fontsize="small", va="center")
+    for axes in [accuracy, losses, *scores]:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axes.grid(alpha=0.3)
+    losses.set_xlabel("epoch")
+    for axes in (accuracy, losses):
         if axes.get_legend_handles_labels()[0]:  # a CSV without loss columns draws no losses
             axes.legend(fontsize="small")
     figure.tight_layout()
@@ -191,11 +212,12 @@ def plot(paths: list[Path], out: Path, validators: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Plot per-epoch accuracies from main.py's results CSVs.", allow_abbrev=False)
+    parser = OneLineErrors(prog="plot_results.py", description="Plot per-epoch accuracies from main.py's results CSVs.",
+                           formatter_class=HelpFormatter, allow_abbrev=False)
     parser.add_argument("csv", nargs="+", type=Path, help="one or more results CSVs")
     parser.add_argument("--out", type=Path, default=None, help="output PNG (default: the first CSV with .png)")
     parser.add_argument("--validators", action="store_true",
-                        help="a third panel: each label-free validator's curve (scaled to its range) beside target accuracy")
+                        help="a small panel per label-free validator, in its own units, with target accuracy beside it")
     args = parser.parse_args(argv)
     out = args.out or args.csv[0].with_suffix(".png")
     try:

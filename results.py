@@ -8,8 +8,7 @@
     results_selection_summary.csv   the same over seeds, with each validator's rank correlation
     table.md, table.csv   a sweep's Table 1: one cell per (method, pair), the same statistics
 
-Every file is written whole to a temp file and renamed, or appended and fsynced: a crash leaves the
-previous content, never half a file.
+Every file is written whole to a temp file and renamed, or appended and fsynced: never half a file.
 """
 
 from __future__ import annotations
@@ -30,13 +29,15 @@ import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TYPE_CHECKING, Iterator, TextIO
 
-import torch
+from config import VALIDATORS, Config, device_name, protocol_values
+from downloads import DataFile
 
-from config import Config, device_name, protocol_values
-from datasets import DataFile
-from validators import COLUMNS as VALIDATION_COLUMNS
+if TYPE_CHECKING:
+    import torch
+
+VALIDATION_COLUMNS = tuple(name for name in VALIDATORS if name.startswith("val_"))  # validators.COLUMNS
 
 # A CSV row: these, the method's loss columns (its LOSSES), the accuracies, then the label-free scores.
 PROGRESS_COLUMNS = ("epoch", "iterations", "seconds")
@@ -221,6 +222,7 @@ def provenance_changes(saved: dict | None, current: dict) -> str | None:
 def run_record(config: Config, files: list[DataFile], device: torch.device, iterations: int, made_by: dict) -> dict:
     """What results.json holds besides the rows: how to reproduce the run (its settings, command line and
     code version) and what it ran on."""
+    import torch  # loaded already by the run: results.py itself serves torch-free readers (sweep.py, plots)
     return {
         "config": asdict(config),
         **made_by,

@@ -28,7 +28,7 @@ from checkpoint import (CheckpointWriter, ResumeError, check_resumable, checkpoi
                         config_differences, load_checkpoint, restore_run, saved_config)
 from config import Config, result_settings
 from datasets import BatchStream, Digits
-from figures import picture_path, save_confusion
+from figures import dataset_label, picture_path, run_title, save_confusion
 from locks import lock_holder, locked_message, run_lock
 from results import (OutputError, ResultsWriter, TensorBoardRun, csv_columns, failure_cause, provenance,
                      provenance_changes, record_path, run_record, selection_path, summary_path, write_rows, writing)
@@ -235,9 +235,13 @@ class SignalGuard:
             cls.deferred = previous
 
 
-def save_target_confusion(model: SourceOnly, data: Digits, out: Path, title: str, chunk_size: int) -> None:
-    """The ensemble's confusion matrix on the target test set as a PNG."""
+def save_target_confusion(model: SourceOnly, data: Digits, out: Path, settings: dict, epoch: int, chunk_size: int
+                          ) -> None:
+    """The ensemble's confusion matrix on the target test set as a PNG, titled with the run (`settings`:
+    its Config's) and the epoch of the weights."""
     predicted = model.predictions(data.target_test, chunk_size)[2].cpu().numpy()
+    title = (f"{run_title(settings)}: {dataset_label(settings.get('target', 'mnist'))} test set, epoch {epoch}, "
+             "ensemble of F1 and F2")
     with writing(out):
         save_confusion(predicted, data.target_test.labels.cpu().numpy(), out, title, model.classes)
 
@@ -327,8 +331,8 @@ class RunFiles:
     def finish(self, method: SourceOnly, data: Digits) -> None:
         """After the last epoch: the target confusion matrix, STEM_selection.csv (the epoch each validator
         picks, validators.choose) and, with --tensorboard, the settings as hparams beside the last row."""
-        save_target_confusion(method, data, picture_path(self.saved_path, "confusion"),
-                              f"{self.config.method}, target test, ensemble", self.config.eval_batch_size)
+        save_target_confusion(method, data, picture_path(self.saved_path, "confusion"), asdict(self.config), self.epoch,
+                              self.config.eval_batch_size)
         write_rows(selection_path(self.csv), ["validator", "epoch", "target_acc_ensemble"], validators.choose(self.rows))
         if self.board is not None:
             settings = {name: getattr(self.config, name) for name in result_settings()}

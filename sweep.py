@@ -28,17 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 import launchers
-from algorithms import METHODS
-from config import Config, non_negative_int, positive_float, positive_int, resolve, result_settings
-from datasets import DOMAINS, pair_error
+from config import DATASETS, METHODS, VALIDATORS, Config, non_negative_int, positive_float, positive_int, resolve, result_settings
 from cli import OneLineErrors
 from main import build_parser as main_parser, given_settings, seed_range
 from results import OutputError, atomic_text, final_accuracy, read_selection, seed_csv, selection_path, write_table
 from locks import lock_holder
-from validators import VALIDATORS
 
 ROOT = Path(__file__).resolve().parent
 MANIFEST = "sweep.json"
@@ -263,6 +258,9 @@ def launch_local(out: Path, pending: list[Job], args: argparse.Namespace) -> int
         raise SweepError(f"cannot write in {out} ({error.strerror}); free some space or choose another --out") from None
     with atomic_text(queue, "") as file:  # this launch's pending jobs, in the manifest's order
         json.dump([{"name": job.name, "argv": job.argv(out), "log": str(job.log(out))} for job in pending], file)
+    if args.gpus is None:
+        import torch
+
     gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
     # --jobs-per-gpu K: K workers per device, each with its own process (and CUDA context) on it
     slots = [gpu for gpu in range(max(gpus, 1)) for _ in range(args.jobs_per_gpu)][:len(pending)]
@@ -368,9 +366,11 @@ def print_table(out: Path, validator: str | None = None) -> None:
 
 def _pair(text: str) -> str:
     source, _, target = text.partition(":")
-    if not {source, target} <= set(DOMAINS):
-        raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE:TARGET of {', '.join(DOMAINS)} (your own images: "
+    if not {source, target} <= set(DATASETS):
+        raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE:TARGET of {', '.join(DATASETS)} (your own images: "
                                          "main.py --source folder:DIR)")
+    from datasets import pair_error  # the datasets' class names (and torch): only for two known names
+
     if pair_error(source, target):
         raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE:TARGET; {pair_error(source, target)}")
     return text

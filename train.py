@@ -193,7 +193,8 @@ def evaluate_checkpoint(path: Path, device: torch.device, data_root: str | None,
               "device": device_name(device), **evaluate_all(model, data, chunk_size)}
     out = path.with_name(f"{path.stem}_evaluation.json")
     write_json(out, result)
-    save_target_confusion(model, data, picture_path(path, "confusion"), "target test, ensemble", chunk_size)
+    save_target_confusion(model, data, picture_path(path, "confusion"), checkpoint["config"], checkpoint["epoch"],
+                          chunk_size)
     print(f"{path} (epoch {checkpoint['epoch']}): source {result['source_acc']:.2f}% | target F1 "
           f"{result['target_acc_f1']:.2f}% F2 {result['target_acc_f2']:.2f}% ensemble {result['target_acc_ensemble']:.2f}%")
     print(f"wrote {out} and {picture_path(path, 'confusion')}")

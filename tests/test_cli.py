@@ -179,6 +179,32 @@ def test_plot_draws_every_loss_column_a_method_writes(tmp_path, monkeypatch):
     assert labels == expected and "dann: loss_domain" in labels
 
 
+def test_plot_a_flat_validator_keeps_its_value_and_the_picture_says_what_ran(tmp_path, monkeypatch):
+    import plot_results
+    from algorithms import MCD
+    from results import csv_columns
+
+    columns = csv_columns(MCD.LOSSES)
+    values = lambda epoch: {"epoch": epoch, "val_bnm": 0.25, "val_d": 0.1 / epoch, "target_acc_ensemble": 40 + epoch}  # noqa: E731
+    rows = [",".join(str(values(epoch).get(c, 0.5)) for c in columns) for epoch in (1, 2, 3)]
+    csv_path = _write(tmp_path / "flat.csv", ",".join(columns) + "\n" + "\n".join(rows) + "\n")
+    config = {"method": "mcd", "source": "svhn", "target": "mnist", "data_root": "../shared/data/digits-proxy-dev"}
+    csv_path.with_suffix(".json").write_text(json.dumps({"config": config}))
+    drawn = []
+    monkeypatch.setattr(plot_results, "save_figure", lambda figure, out: drawn.append(figure))
+    assert plot_results.main([str(csv_path), "--validators"]) == 0
+    figure = drawn[0]
+    assert figure._suptitle.get_text() == "mcd, svhn → mnist (data: digits-proxy-dev)"
+    bnm = next(axes for axes in figure.axes if axes.get_title().startswith("BNM"))
+    line = bnm.get_lines()[0]
+    low, high = bnm.get_ylim()
+    assert list(line.get_ydata()) == [0.25] * 3 and low < 0.25 < high  # drawn at its value, not as the "worst"
+    assert line.get_marker() == "o"  # three epochs: each a point
+    for axes in figure.axes[:2]:  # accuracy and losses: whole epochs on the axis
+        assert all(float(tick).is_integer() for tick in axes.get_xticks())
+    plot_results.plt.close(figure)
+
+
 def test_plot_draws_a_non_utf8_file_name_and_seeds_with_an_infinite_loss(tmp_path):
     header = ",".join(CSV_COLUMNS)
     odd = Path(os.fsdecode(bytes(tmp_path) + b"/r\xff.csv"))  # a name that is not UTF-8

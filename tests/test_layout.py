@@ -103,3 +103,34 @@ def test_help_never_shows_a_meaningless_default_none(script, capsys):
     shown = " ".join(capsys.readouterr().out.split())
     assert "(default:" in shown  # defaults are still shown where they mean something
     assert "(default: None)" not in shown
+
+
+BLOCK_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]\n"  # import torch now fails
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+@pytest.mark.parametrize(("script", "bad"), [("main.py", ["--epochs", "0"]), ("sweep.py", ["launch", "--pairs", "a:b"]),
+                                             ("sweep.py", ["launch", "--methods", "nope"]),
+                                             ("visualize.py", ["x.pt", "--images", "0"]),
+                                             ("benchmark.py", ["--method", "nope"]), ("predict.py", ["x.pt"]),
+                                             ("plot_results.py", [])])
+def test_every_entry_point_answers_help_and_a_bad_flag_without_torch(script, bad):
+    for argv, code in (([*bad[:1], "--help"] if script == "sweep.py" else ["--help"], 0), (bad, 2)):
+        done = subprocess.run([sys.executable, "-c", BLOCK_TORCH, script, *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == code, (argv, done.stderr[-500:])
+        assert "(default" in done.stdout if code == 0 else done.stderr.count("\n") == 1, (argv, done.stderr)
+
+
+def test_the_names_flags_accept_are_the_registries_keys():
+    """config.py declares the names (so that flags are read without torch); the code is keyed by exactly these."""
+    import algorithms
+    import config
+    import datasets
+    import models
+    import validators
+
+    assert config.METHODS == tuple(algorithms.ALGORITHMS) and config.DISCREPANCIES == tuple(algorithms.DISCREPANCIES)
+    assert config.DATASETS == tuple(datasets.DOMAINS) and config.FOLDER == datasets.FOLDER
+    assert config.NETWORKS == tuple(models.NETWORKS) and config.BATCHNORM_INITS == models.BATCHNORM_INITS
+    assert config.VALIDATORS == tuple(validators.VALIDATORS)

@@ -118,8 +118,21 @@ def test_visualize_draws_tsne_of_two_models_and_the_confusion_matrix(seed_runs):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     for kind, least in (("tsne", 60_000), ("confusion", 20_000)):
-        data = (folder / f"mcd_seed1_{kind}.png").read_bytes()
+        data = (folder / f"mcd_seed1_visualize_{kind}.png").read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > least
+
+
+def test_visualize_never_overwrites_a_runs_own_pictures(seed_runs, tmp_path, capsys):
+    folder = seed_runs.parent
+    before = (folder / "mcd_seed1_confusion.png").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:  # mcd_seed1 is a run: mcd_seed1_confusion.png is its own
+        visualize.main([str(folder / "mcd_seed1.pt"), "--out", str(folder / "mcd_seed1"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--out" in err and "a run's name" in err
+    assert (folder / "mcd_seed1_confusion.png").read_bytes() == before
+    assert visualize.main([str(folder / "mcd_seed1.pt"), "--out", str(tmp_path / "mine"), "--images", "30",
+                           "--device", "cpu"]) == 0
+    assert (tmp_path / "mine_tsne.png").exists() and (tmp_path / "mine_confusion.png").exists()
 
 
 def test_visualize_refuses_bad_images_and_a_comparison_across_pairs(seed_runs, tmp_path, capsys):
@@ -162,7 +175,9 @@ def test_tsne_by_digit_panels_have_a_legend_of_the_ten_digits_in_their_colours(s
     data = checkpoint_data(checkpoint, torch.device("cpu"))
     drawn = []
     monkeypatch.setattr(visualize, "save_figure", lambda figure, out, dpi: drawn.append(figure))
-    visualize.save_tsne([("mcd", model), ("again", model)], data, tmp_path / "tsne.png", images=40)
+    visualize.save_tsne([("mcd", model), ("again", model)], data, ("mnist", "usps"), tmp_path / "tsne.png", images=40)
+    by_dataset = [axes for axes in drawn[0].axes if "by dataset" in axes.get_title()]
+    assert [text.get_text().split(" (")[0] for text in by_dataset[0].get_legend().get_texts()] == ["mnist", "usps"]
     by_digit = [axes for axes in drawn[0].axes if "by class" in axes.get_title()]
     assert len(by_digit) == 2  # one per model
     for axes in by_digit:

@@ -15,6 +15,7 @@ import pytest
 
 import main as main_module
 import results
+from checkpoint import load_checkpoint
 from conftest import read_rows, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,3 +114,24 @@ def test_a_file_name_that_is_not_utf8_on_a_strict_stdout_is_printed_escaped(digi
     assert done.returncode == 0, done.stderr
     assert "UnicodeEncodeError" not in done.stderr and "\\udcff" in done.stdout
     assert json.loads(Path(tmp_path.as_posix() + "/r\udcff_seed1.json").read_text())["epochs_completed"] == 1
+
+
+def test_a_weights_only_run_still_evaluates_but_refuses_more_epochs(digits_root, tmp_path, capsys):
+    full, light = tmp_path / "full.csv", tmp_path / "light.csv"
+    assert main_module.main(train_args(digits_root, full, "--seed", "1")) == 0
+    assert main_module.main(train_args(digits_root, light, "--seed", "1", "--final-state", "weights")) == 0
+    saved = load_checkpoint(light.with_suffix(".pt"))
+    assert saved["weights_only"] and saved["optimizers"] == {} and saved["rng"] is None and saved["epoch"] == 2
+    assert light.with_suffix(".pt").stat().st_size < full.with_suffix(".pt").stat().st_size / 2  # no Adam moments
+    without_time = lambda path: [{k: v for k, v in row.items() if k != "seconds"} for row in read_rows(path)]  # noqa: E731
+    assert without_time(light) == without_time(full)
+
+    capsys.readouterr()
+    assert main_module.main(["--evaluate", str(light.with_suffix(".pt")), "--device", "cpu", "--no-download"]) == 0
+    evaluated = json.loads((tmp_path / "light_evaluation.json").read_text())
+    assert evaluated["target_acc_ensemble"] == pytest.approx(float(read_rows(light)[-1]["target_acc_ensemble"]), abs=1e-4)
+    assert main_module.main(train_args(digits_root, light, "--seed", "1", "--resume")) == 0  # finished: nothing to do
+    capsys.readouterr()
+    assert main_module.main(train_args(digits_root, light, "--seed", "1", "--resume", epochs=3)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "keeps the weights only (--final-state weights)" in err and "--overwrite" in err

@@ -22,9 +22,9 @@ RESULTS = "results_seed1.csv"
 SLURM = ["--launcher", "slurm", "--gpus-per-job", "0", "--mem", "1", "--time", "30"]
 
 
-def _flags(data_root: Path, epochs: int) -> list[str]:
+def _flags(data_root: Path, epochs: int, iterations: int = 10) -> list[str]:
     return ["--data-root", str(data_root), "--allow-unverified-data", "--no-download", "--device", "cpu",
-            "--epochs", str(epochs), "--iters-per-epoch", "10", "--batch-size", "8", "--num-k", "1", "--deterministic"]
+            "--epochs", str(epochs), "--iters-per-epoch", str(iterations), "--batch-size", "8", "--num-k", "1", "--deterministic"]
 
 
 # One thread per run (Slurm's tasks inherit it): several torch processes on a small machine, each with a
@@ -85,7 +85,7 @@ def test_a_grid_runs_on_slurm_and_status_shows_what_slurm_says(slurm, digits_roo
 
 def test_cancelled_preempted_and_timed_out_jobs_each_continue_to_the_uninterrupted_csv(slurm, digits_root, tmp_path):
     """The same job in three sweeps, each meeting one of Slurm's stops after its first epoch."""
-    flags = _flags(digits_root, 150)
+    flags = _flags(digits_root, 150, 5)  # long enough to meet Slurm's time-limit check, which comes every 30 s
     sweeps = {fault: tmp_path / fault for fault in ("cancelled", "preempted", "timed_out")}
 
     def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
