@@ -30,7 +30,7 @@ from typing import Callable
 
 import launchers
 from config import DATASETS, METHODS, VALIDATORS, Config, non_negative_int, positive_float, positive_int, resolve, result_settings
-from cli import OneLineErrors
+from cli import HelpFormatter, OneLineErrors
 from main import build_parser as main_parser, given_settings, seed_range
 from results import OutputError, atomic_text, final_accuracy, read_selection, seed_csv, selection_path, write_table
 from locks import lock_holder
@@ -383,21 +383,26 @@ def _seeds(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="sweep.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
-    go = commands.add_parser("launch", help="expand the grid and start its jobs (again: continue or extend it)",
-                             allow_abbrev=False)
+    go = commands.add_parser(
+        "launch", help="expand the grid and start its jobs (again: continue or extend it)", allow_abbrev=False,
+        formatter_class=HelpFormatter, epilog="Every other flag is main.py's and goes to every job, e.g. "
+        "python sweep.py launch --out runs/t1 --pairs mnist:usps --methods mcd --seeds 1-3 --epochs 10 --small-subsets")
     go.add_argument("--out", required=True, help="the sweep's folder")
     go.add_argument("--pairs", nargs="+", type=_pair, default=["svhn:mnist"], help="SOURCE:TARGET pairs")
-    go.add_argument("--methods", nargs="+", choices=METHODS, default=["mcd", "source_only"])
-    go.add_argument("--seeds", nargs="+", type=_seeds, default=["1-5"], help="as main.py --seeds")
-    go.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    go.add_argument("--methods", nargs="+", choices=METHODS, default=["mcd", "source_only"],
+                    help="one job per pair and method")
+    go.add_argument("--seeds", nargs="+", type=_seeds, default=["1-5"], help="each job's seeds, as main.py --seeds")
+    go.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                    help="local: worker processes here; slurm: one array job through submitit")
     go.add_argument("--gpus", type=non_negative_int, default=None,
                     help="local: workers, one per GPU (default: all visible; 0: one on the CPU)")
     go.add_argument("--jobs-per-gpu", type=positive_int, default=1, metavar="K",
                     help="local: K jobs run at once on each GPU (or on the CPU with --gpus 0), each its own main.py "
                          "process; whether K > 1 pays on a GPU is unmeasured (docs/speed.md)")
-    go.add_argument("--wait", action="store_true", help="wait for every job, then print the table")
+    go.add_argument("--wait", action="store_true", help="follow the jobs (a line as each starts, ends or fails), then "
+                                                        "print the table")
     go.add_argument("--time", type=positive_int, default=24 * 60, help="slurm: minutes a job may run")
-    go.add_argument("--partition", default=None, help="slurm: the partition")
+    go.add_argument("--partition", default=None, help="slurm: the partition (default: the cluster's)")
     go.add_argument("--gpus-per-job", type=non_negative_int, default=1, help="slurm: GPUs per job (0: none)")
     go.add_argument("--mem", type=positive_float, default=32, help="slurm: memory per job in GB")
     go.add_argument("--array-parallelism", type=positive_int, default=64, help="slurm: array tasks running at once")

@@ -325,3 +325,14 @@ def test_a_killed_worker_has_its_run_stopped_and_the_message_says_so(digits_root
     assert not _processes_of(out)
     log = (first / "main.log").read_text()
     assert "interrupted by SIGTERM" in log and (first / "results_seed1.pt").exists()
+
+
+def test_launch_help_gives_every_default_and_a_passed_through_main_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["launch", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    for default in ("(default: ['svhn:mnist'])", "(default: ['mcd', 'source_only'])", "(default: ['1-5'])",
+                    "(default: local)", "(default: 1440)", "(default: 32)", "(default: 64)"):
+        assert default in shown, default
+    assert "Every other flag is main.py's and goes to every job" in shown and "--epochs 10" in shown
