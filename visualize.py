@@ -72,11 +72,11 @@ def save_tsne(models: list[tuple[str, SourceOnly]], data: Digits, names: tuple[s
         by_domain, by_class = axes[row]
         for domain, colour in DOMAIN_COLOURS.items():
             chosen = domains == domain
-            name = names[domain == "target"]
+            dataset = names[domain == "target"]
             by_domain.scatter(*points[chosen].T, s=4, c=colour, alpha=0.5,
-                              label=f"{name} ({domain}, {chosen.sum():,} test images)")
+                              label=f"{dataset} ({domain}, {chosen.sum():,} test images)")
         by_domain.legend(markerscale=3)
-        by_domain.set_title(f"{name}: by dataset")
+        by_domain.set_title(f"{name}\nby dataset", fontsize="medium")
         few = model.classes <= FEW
         colours = plt.get_cmap(FEW_COLOURS if few else "nipy_spectral")
         for domain, marker in (("source", "o"), ("target", "x")):
@@ -89,7 +89,7 @@ def save_tsne(models: list[tuple[str, SourceOnly]], data: Digits, names: tuple[s
             by_class.legend(handles=legend, title="class", fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
         else:
             figure.colorbar(drawn, ax=by_class, label="class")
-        by_class.set_title(f"{name}: by class (o {names[0]}, x {names[1]})")
+        by_class.set_title(f"{name}\nby class (o {names[0]}, x {names[1]})", fontsize="medium")
         for axes_ in (by_domain, by_class):
             axes_.set_xticks([])
             axes_.set_yticks([])

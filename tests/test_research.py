@@ -177,6 +177,7 @@ def test_tsne_by_digit_panels_have_a_legend_of_the_ten_digits_in_their_colours(s
     monkeypatch.setattr(visualize, "save_figure", lambda figure, out, dpi: drawn.append(figure))
     visualize.save_tsne([("mcd", model), ("again", model)], data, ("mnist", "usps"), tmp_path / "tsne.png", images=40)
     by_dataset = [axes for axes in drawn[0].axes if "by dataset" in axes.get_title()]
+    assert [axes.get_title() for axes in by_dataset] == ["mcd\nby dataset", "again\nby dataset"]  # each model named
     assert [text.get_text().split(" (")[0] for text in by_dataset[0].get_legend().get_texts()] == ["mnist", "usps"]
     by_digit = [axes for axes in drawn[0].axes if "by class" in axes.get_title()]
     assert len(by_digit) == 2  # one per model
