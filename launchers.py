@@ -157,14 +157,21 @@ def submit(slurm, names: list[str], argvs: list[list[str]], logs: list[str]) -> 
     if refusal is None:
         sys.stderr.write(printed)
         return {name: job.job_id for name, job in zip(names, submitted)}
-    told = f"{printed}\n{refusal}\n{getattr(refusal, 'output', b'') or b''!r}"
-    lines = [line.split("sbatch: error: ", 1)[1].strip(" '\"") for line in told.replace("\\n", "\n").splitlines()
-             if "sbatch: error: " in line]
-    reason = "; ".join(dict.fromkeys(lines)) or (str(refusal).strip().splitlines() or [type(refusal).__name__])[-1]
+    if isinstance(refusal, OSError):  # submitit writes its scripts and pickles into the sweep's folder first
+        raise SlurmError(f"cannot write the Slurm submission into {refusal.filename or 'the sweep folder'} "
+                         f"({refusal.strerror or refusal}); free some space or choose another --out, then relaunch")
+    reason = _sbatch_errors(printed, refusal)
     named = [flag for words, flag in REFUSALS if any(word in reason.lower() for word in words)]
     raise SlurmError(f"--launcher slurm: sbatch refused the jobs ({reason[:300]}); check "
                      f"{named[0] if named else '--partition, --time, --mem and --gpus-per-job'}, then relaunch the "
                      "same command")
+
+
+def _sbatch_errors(printed: str, refusal: Exception) -> str:
+    """sbatch's own error lines, from what it printed or what submitit's exception holds, as one line."""
+    text = "\n".join([printed, str(refusal), os.fsdecode(getattr(refusal, "output", b"") or b"")])
+    lines = [line.split("sbatch: error: ", 1)[1].strip() for line in text.splitlines() if "sbatch: error: " in line]
+    return "; ".join(dict.fromkeys(lines)) or (str(refusal).strip().splitlines() or [type(refusal).__name__])[-1]
 
 
 def states(ids: list[str]) -> dict[str, str]:

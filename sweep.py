@@ -24,12 +24,12 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import launchers
-from config import DATASETS, METHODS, VALIDATORS, Config, non_negative_int, positive_float, positive_int, resolve, result_settings
+from config import DATASETS, METHODS, VALIDATORS, Config, SettingError, non_negative_int, positive_float, positive_int, resolve, result_settings
 from cli import HelpFormatter, OneLineErrors
 from main import build_parser as main_parser, given_settings, seed_range
 from results import OutputError, atomic_text, final_accuracy, read_selection, seed_csv, selection_path, write_table
@@ -57,6 +57,7 @@ class Job:
     method: str
     seeds: list[str]  # as given: "1-5", "7"
     flags: list[str] = field(default_factory=list)  # every other main.py flag, the same for all jobs
+    epochs: int | None = None  # as main.py resolves the flags, recorded at launch: status and table need no torch
 
     def csv(self, out: Path) -> Path:
         return out / self.name / RESULTS
@@ -85,9 +86,12 @@ class Job:
             values["precision"] = "auto"
         return values
 
+    def epoch_count(self) -> int:
+        return self.epochs if self.epochs is not None else self.settings()["epochs"]  # a manifest from before
+
     def finished_seeds(self, out: Path) -> list[int]:
         """The seeds whose record says every one of this job's epochs is done."""
-        epochs, finished = self.settings()["epochs"], []
+        epochs, finished = self.epoch_count(), []
         for seed in seed_numbers(self.seeds):
             record = seed_csv(self.csv(out), seed).with_suffix(".json")
             if record.is_file() and final_accuracy(record, epochs) is not None:
@@ -99,8 +103,9 @@ class Job:
 
 
 def expand_grid(pairs: list[str], methods: list[str], seeds: list[str], flags: list[str]) -> list[Job]:
-    return [Job(f"{source}_{target}_{method}", source, target, method, seeds, flags)
+    jobs = [Job(f"{source}_{target}_{method}", source, target, method, seeds, flags)
             for source, _, target in (pair.partition(":") for pair in pairs) for method in methods]
+    return [replace(job, epochs=job.settings()["epochs"]) for job in jobs]
 
 
 def seed_numbers(seeds: list[str]) -> list[int]:
@@ -124,8 +129,9 @@ def load_jobs(out: Path) -> list[Job]:
         wrong = [name for name in ("name", "source", "target", "method") if not isinstance(getattr(job, name), str)]
         wrong += [name for name in ("seeds", "flags") if not isinstance(getattr(job, name), list)
                   or not all(isinstance(item, str) for item in getattr(job, name))]
+        wrong += ["epochs"] if job.epochs is not None and (not isinstance(job.epochs, int) or job.epochs < 1) else []
         if wrong:
-            raise SweepError(f"{manifest}: {', '.join(wrong)} of {job.name!r} not text as the sweep writes it; restore "
+            raise SweepError(f"{manifest}: {', '.join(wrong)} of {job.name!r} not as the sweep writes it; restore "
                              "it, or relaunch into a new --out")
         try:
             seed_numbers(job.seeds)
@@ -352,7 +358,7 @@ def print_table(out: Path, validator: str | None = None) -> None:
     for job in load_jobs(out):
         records = [seed_csv(job.csv(out), seed).with_suffix(".json") for seed in job.finished_seeds(out)]
         base = {"pair": f"{job.source}→{job.target}", "made_with": describe(job), "expected": len(seed_numbers(job.seeds))}
-        epochs = job.settings()["epochs"]
+        epochs = job.epoch_count()
         cells.append({**base, "method": job.method, "values": [final_accuracy(record, epochs) for record in records]})
         if validator:
             picks = [read_selection(selection_path(record.with_suffix(".csv"))).get(validator) for record in records]
@@ -428,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             return status(Path(args.out))
         print_table(Path(args.out), args.validator)
         return 0
-    except (SweepError, OutputError, launchers.SlurmError) as error:
+    except (SweepError, OutputError, SettingError, launchers.SlurmError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

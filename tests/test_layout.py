@@ -134,3 +134,17 @@ def test_the_names_flags_accept_are_the_registries_keys():
     assert config.DATASETS == tuple(datasets.DOMAINS) and config.FOLDER == datasets.FOLDER
     assert config.NETWORKS == tuple(models.NETWORKS) and config.BATCHNORM_INITS == models.BATCHNORM_INITS
     assert config.VALIDATORS == tuple(validators.VALIDATORS)
+
+
+def test_sweep_status_and_table_never_import_torch(tmp_path):
+    import sweep
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    sweep.save_jobs(out, sweep.expand_grid(["mnist:usps"], ["mcd"], ["1-2"], ["--epochs", "3"]))
+    assert sweep.load_jobs(out)[0].epochs == 3  # resolved at launch, read back by status and table
+    for command in ("status", "table"):
+        done = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "sweep.py", command, str(out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-500:]
+    assert "mnist_usps_mcd: not started" in done.stdout or "mnist→usps" in done.stdout

@@ -177,3 +177,19 @@ def test_sbatch_refusals_are_one_line_naming_the_flag(slurm, digits_root, tmp_pa
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "sbatch refused the jobs" in done.stderr and f"check {named}," in done.stderr
     assert not (tmp_path / "sweep" / "slurm.json").exists()
+
+
+def test_a_full_disk_under_the_sweep_is_one_line(slurm, digits_root, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        (disk / "filler").write_bytes(b"x" * (64 - 8) * 1024)  # room for the manifest, not for submitit's files
+        done = _sweep("launch", "--out", disk / "sweep", "--pairs", "mnist:usps", "--methods", "mcd", "--seeds", "1",
+                      *SLURM, *_flags(digits_root, 1))
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "No space left on device" in done.stderr and "free some space or choose another --out" in done.stderr
+        assert not (disk / "sweep" / "slurm.json").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -207,7 +207,12 @@ def _job_with_a_corrupt_record(out: Path, record: str = "{") -> None:
     (None, ["launch", "--out", "OUT", "--seeds", "1-99999999999"], "seeds must be between"),
     (lambda out: (out.mkdir(), (out / "sweep.json").write_text('{"jobs": [{"name": "a_b_mcd", "source": "mnist", '
                                                                 '"target": "usps", "method": "mcd", "seeds": 3}]}')),
-     ["status", "OUT"], "seeds of 'a_b_mcd' not text"),
+     ["status", "OUT"], "seeds of 'a_b_mcd' not as the sweep writes it"),
+    (lambda out: (out.mkdir(), (out / "sweep.json").write_text('{"jobs": [{"name": "a_b_mcd", "source": "mnist", '
+                                                                '"target": "usps", "method": "mcd", "seeds": ["3"], '
+                                                                '"epochs": "ten"}]}')),
+     ["status", "OUT"], "epochs of 'a_b_mcd' not as the sweep writes it"),
+    (None, ["launch", "--out", "OUT", "--pairs", "svhn:mnist", "--small-subsets"], "--small-subsets is the paper's"),
     (lambda out: _job_with_a_corrupt_record(out, '{"epochs_completed": 99, "final_row": {"target_acc_ensemble": "95.1"}}'),
      ["table", "OUT"], "final_row.target_acc_ensemble is '95.1', not a finite number"),
     (lambda out: _job_with_a_corrupt_record(out, '{"epochs_completed": 99, "final_row": {"target_acc_ensemble": Infinity}}'),
