@@ -116,6 +116,7 @@ def test_a_file_name_that_is_not_utf8_on_a_strict_stdout_is_printed_escaped(digi
     assert json.loads(Path(tmp_path.as_posix() + "/r\udcff_seed1.json").read_text())["epochs_completed"] == 1
 
 
+@pytest.mark.slow
 def test_a_weights_only_run_still_evaluates_but_refuses_more_epochs(digits_root, tmp_path, capsys):
     full, light = tmp_path / "full.csv", tmp_path / "light.csv"
     assert main_module.main(train_args(digits_root, full, "--seed", "1")) == 0
