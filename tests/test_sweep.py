@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -284,6 +285,9 @@ def test_workers_take_jobs_from_one_queue_k_per_gpu(digits_root, tmp_path, capsy
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "started 3 worker(s)" in done.stdout and "on GPUs 0, 0, 1" in done.stdout  # --jobs-per-gpu 2, 3 jobs
+    progress = [line.split(" ", 1)[1] for line in done.stdout.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)]
+    for job in ("mnist_usps_mcd", "mnist_usps_source_only", "mnist_usps_dann"):  # --wait says as each job ends
+        assert f"{job}: done" in progress, done.stdout
     workers = {}
     for folder in out.iterdir():
         if folder.is_dir() and not folder.name.startswith("."):
