@@ -140,6 +140,9 @@ def executor(folder: Path, time_min: int, gpus: int, mem_gb: float, partition: s
 def submit(slurm, names: list[str], argvs: list[list[str]], logs: list[str]) -> dict[str, str]:
     """One array job of these tasks: name -> Slurm job id. sbatch's own messages (submitit lets it print
     them) are caught, so that a refusal is one line naming the flag to change."""
+    # The tasks unpickle SweepTask wherever Slurm starts them: this folder must be on their path (sbatch
+    # passes the environment on).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryFile() as said:
         sys.stderr.flush()
         stderr = os.dup(2)

@@ -169,9 +169,11 @@ def _fail(message: str, code: int, debug: bool) -> int:
 
 
 def _saved(csv: str, epochs: int) -> str:
+    from checkpoint import checkpoint_path  # loaded already: a run stopped
+
     if epochs <= 0:
         return "no epoch had finished, so nothing was saved."
-    return f"{csv} and its checkpoint {Path(csv).with_suffix('.pt')} hold epochs 1-{epochs}."
+    return f"{csv} and its checkpoint {checkpoint_path(Path(csv))} hold epochs 1-{epochs}."
 
 
 def _command(argv: list[str], flag: str) -> str:

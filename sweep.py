@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 import launchers
-from config import DATASETS, METHODS, VALIDATORS, Config, SettingError, non_negative_int, positive_float, positive_int, resolve, result_settings
+from config import (DATASETS, METHODS, VALIDATORS, Config, SettingError, non_negative_int, positive_float, positive_int,
+                    resolve, result_settings)
 from cli import HelpFormatter, OneLineErrors
 from main import build_parser as main_parser, given_settings, seed_range
 from results import OutputError, atomic_text, final_accuracy, read_selection, seed_csv, selection_path, write_table

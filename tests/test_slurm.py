@@ -32,9 +32,9 @@ def _flags(data_root: Path, epochs: int, iterations: int = 10) -> list[str]:
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def _sweep(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+def _sweep(*args: object, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=ONE_THREAD)
+                          timeout=timeout, cwd=cwd, env=ONE_THREAD)
 
 
 def _slurm(*args: str) -> str:
@@ -67,7 +67,7 @@ def _epochs_written(csv_path: Path) -> int:
 def test_a_grid_runs_on_slurm_and_status_shows_what_slurm_says(slurm, digits_root, tmp_path):
     out = tmp_path / "sweep"
     done = _sweep("launch", "--out", out, "--pairs", "mnist:usps", "--methods", "mcd", "source_only", "--seeds", "1-2",
-                  "--wait", *SLURM, *_flags(digits_root, 2))
+                  "--wait", *SLURM, *_flags(digits_root, 2), cwd=tmp_path)  # launched from outside the project
     assert done.returncode == 0, done.stdout + done.stderr
     assert "submitted: mnist_usps_mcd as " in done.stdout and ": running (" in done.stdout  # progress as it goes
     assert done.stdout.count(": done") == 2 and (out / "table.md").read_text().count("(n=2)") == 2
