@@ -88,6 +88,21 @@ def test_confusion_matrix_counts_true_rows_and_predicted_columns():
     assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
 
 
+def test_the_confusion_picture_gives_colours_and_numbers_in_one_unit(tmp_path, monkeypatch):
+    import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda figure, out, dpi: drawn.append(figure))
+    labels, predicted = np.array([0, 0, 0, 0, 1, 1]), np.array([0, 0, 0, 1, 1, 1])
+    assert figures.save_confusion(predicted, labels, tmp_path / "c.png", "mcd", classes=2).tolist() == [[3, 1], [0, 2]]
+    axes, bar = drawn[0].axes
+    assert [text.get_text() for text in axes.texts] == ["75", "25", "0", "100"]  # % of each true class's images
+    assert axes.images[0].get_array().tolist() == [[75, 25], [0, 100]] and bar.get_ylabel().startswith("% of the true")
+    assert [label.get_text() for label in axes.get_yticklabels()] == ["0 (4)", "1 (2)"]  # each row's image count
+    assert "accuracy 83.33% of 6 images" in axes.get_title()
+    matplotlib.pyplot.close(drawn[0])
+
+
 def test_evaluate_reproduces_the_last_row_without_training(seed_runs, capsys):
     checkpoint = seed_runs.parent / "mcd_seed2.pt"
     before = checkpoint.read_bytes()
