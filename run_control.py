@@ -323,8 +323,13 @@ class RunFiles:
         self.state_written = now if due else self.state_written
         self.writer.wait()  # the record is the writer thread's until its last write is done
         self.writer.results.record["iteration"] = iteration
-        self.writer.submit(payload, row, write_state=due)
-        self.rows.append(row)
+        # The host copy of this epoch's state reuses the last epoch's buffers: a signal in the middle of it
+        # would leave a state half of each. It waits until the copy and the rows agree, then stops the run.
+        with SignalGuard.deferring() as arrived:
+            self.writer.submit(payload, row, write_state=due)
+            self.rows.append(row)
+        if arrived:
+            raise Interrupted(arrived[0])
         if self.board is not None:
             self._curves(lambda board: board.add_epoch(row))
 

@@ -660,6 +660,20 @@ elif where == "last checkpoint":  # on the writer thread, while the main thread 
     real_save = checkpoint.save_checkpoint
     checkpoint.save_checkpoint = lambda path, payload: (signalled(real_save, signal.SIGTERM) if payload["epoch"] == 2
                                                          else real_save)(path, payload)
+elif where == "state staged":  # Slurm's SIGUSR2 halfway through copying epoch 2's state to the host buffers
+    real_stage, real_copy = checkpoint.HostStaging.stage, checkpoint.HostStaging._copy
+
+    def stage(self, payload):
+        self.epoch = payload["epoch"]
+        return real_stage(self, payload)
+
+    def copy(self, value, key):
+        if key == ("optimizers",) and self.epoch == 2:  # the networks copied, the optimiser moments not yet
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.2)  # the handler runs in the main thread meanwhile
+        return real_copy(self, value, key)
+
+    checkpoint.HostStaging.stage, checkpoint.HostStaging._copy = stage, copy
 else:  # the final confusion picture
     run_control.save_target_confusion = signalled(run_control.save_target_confusion, signal.SIGINT)
 sys.exit(main.main(sys.argv[1:]))
@@ -677,6 +691,20 @@ def test_a_signal_during_the_last_writes_finishes_them_and_says_resume(digits_ro
     assert "before training started" not in done.stderr
     assert load_checkpoint(csv_path.with_suffix(".pt"))["epoch"] == 2 and len(_rows(csv_path)) == 2
     assert not list(tmp_path.glob("*.tmp")) and not _lock(csv_path).exists()
+
+
+@pytest.mark.slow
+def test_a_signal_while_an_epochs_state_is_copied_still_resumes_to_the_uninterrupted_csv(deterministic_reference,
+                                                                                          digits_root, tmp_path):
+    csv_path = tmp_path / "staged.csv"
+    args = _args(digits_root, csv_path, "--deterministic", epochs=3, iters=KILLED_ITERS)
+    done = subprocess.run([sys.executable, "-c", SIGNAL_DURING.format(root=str(ROOT)), "state staged", *args],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 140 and "hold epochs 1-2" in done.stderr, done.stderr
+    resumed = subprocess.run([sys.executable, str(ROOT / "main.py"), *args, "--resume"], capture_output=True, text=True,
+                             timeout=600, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _results(csv_path) == _results(deterministic_reference)
 
 
 def test_non_finite_weights_are_never_checkpointed_as_good(digits_root, tmp_path, monkeypatch, capsys):
