@@ -231,10 +231,7 @@ class CheckpointWriter:
 
     def _write(self, payload: dict | None, copied: torch.cuda.Event | None, row: dict, intact: str) -> None:
         if payload is not None:
-            if copied is not None:
-                copied.synchronize()
-            with writing(self.path, intact):
-                save_checkpoint(self.path, payload)
+            self._save(payload, copied, intact)
         self.results.append(row, intact)
 
     def write_latest(self) -> None:
@@ -242,10 +239,14 @@ class CheckpointWriter:
         self.wait()
         if self.unwritten is not None:
             (state, copied, intact), self.unwritten = self.unwritten, None
-            if copied is not None:
-                copied.synchronize()
-            with writing(self.path, intact):
-                save_checkpoint(self.path, state)
+            self._save(state, copied, intact)
+
+    def _save(self, state: dict, copied: torch.cuda.Event | None, intact: str) -> None:
+        """A staged state to disk, once its host copy is complete."""
+        if copied is not None:
+            copied.synchronize()
+        with writing(self.path, intact):
+            save_checkpoint(self.path, state)
 
     def wait(self) -> None:
         if self.pending is not None:

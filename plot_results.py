@@ -164,7 +164,7 @@ def plot(paths: list[Path], out: Path, validators: bool = False) -> None:
     accuracy = figure.add_subplot(grid[0, :])
     losses = figure.add_subplot(grid[1, :], sharex=accuracy)
     scores = [figure.add_subplot(grid[2 + i // 3, i % 3]) for i in range(len(VALIDATORS))] if validators else []
-    twins: dict[str, object] = {}  # each small panel's right axis: target accuracy
+    twins = [axes.twinx() for axes in scores]  # each small panel's right axis: target accuracy
     loss_colours = {column: LOSS_COLOURS[i % len(LOSS_COLOURS)] for i, column in enumerate(loss_columns(results))}
     for index, (label, members) in enumerate(_groups(paths)):
         style = LINE_STYLES[index % len(LINE_STYLES)]
@@ -173,24 +173,21 @@ def plot(paths: list[Path], out: Path, validators: bool = False) -> None:
             _draw(accuracy, runs, column, style, f"{label}: {text}")
         for column, colour in loss_colours.items():
             _draw(losses, runs, column, style, f"{label}: {column}", colour)
-        for axes, (column, (text, direction)) in zip(scores, VALIDATORS.items()):
+        for axes, twin, column in zip(scores, twins, VALIDATORS):
             # each score in its own units over the whole run, target accuracy beside it on the right
             _draw(axes, runs, column, style, label)
-            axes.set_title(f"{text} ({direction} is better)", fontsize="small")
-            if column not in twins:
-                twins[column] = axes.twinx()
-            twin = twins[column]
             _draw(twin, runs, "target_acc_ensemble", style, f"{label}: target accuracy")
-            twin.tick_params(labelsize="x-small", colors=COLOURS["target_acc_ensemble"])
     figure.suptitle(what_ran(paths) or "results", fontsize="medium")
     accuracy.set_ylabel("accuracy (%)")
     accuracy.set_title("test accuracy per epoch")
     losses.set_ylabel("epoch mean (log scale)")
     losses.set_yscale("log")
     losses.set_title("training losses (the method's CSV columns)")
-    for axes in scores:
+    for axes, twin, (text, direction) in zip(scores, twins, VALIDATORS.values()):
+        axes.set_title(f"{text} ({direction} is better)", fontsize="small")
         axes.tick_params(labelsize="x-small")
         axes.set_xlabel("epoch", fontsize="x-small")
+        twin.tick_params(labelsize="x-small", colors=COLOURS["target_acc_ensemble"])
     if scores:  # the sixth cell says how to read the five beside it
         key = figure.add_subplot(grid[3, 2])
         key.axis("off")

@@ -37,7 +37,7 @@ from downloads import DataFile
 if TYPE_CHECKING:
     import torch
 
-VALIDATION_COLUMNS = tuple(name for name in VALIDATORS if name.startswith("val_"))  # validators.COLUMNS
+VALIDATION_COLUMNS = tuple(name for name in VALIDATORS if name.startswith("val_"))  # the scores validators.py adds
 
 # A CSV row: these, the method's loss columns (its LOSSES), the accuracies, then the label-free scores.
 PROGRESS_COLUMNS = ("epoch", "iterations", "seconds")

@@ -248,8 +248,9 @@ def follow(out: Path, jobs: list[Job], going: Callable[[dict[str, str]], bool], 
     while True:
         states = job_states(out, jobs)
         for name, state in states.items():
-            if shown.get(name) != state.split(" (")[0].split(":")[0]:
-                shown[name] = state.split(" (")[0].split(":")[0]
+            kind = state.split(" (")[0].split(":")[0]  # done, running, failed, ... without the details
+            if shown.get(name) != kind:
+                shown[name] = kind
                 print(f"{time.strftime('%H:%M:%S')} {name}: {state}", flush=True)
         if not going(states):
             return

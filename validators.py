@@ -30,10 +30,9 @@ import torch.nn.functional as F
 VALIDATION_IMAGES = 5000  # target training images scored each epoch (all of a smaller set)
 VALIDATION_SEED = 0
 SND_TEMPERATURE = 0.05  # the SND paper's
-# validator -> its direction; the val_* ones are the CSV columns this module adds
+# validator -> its direction; the val_* ones are the CSV columns this module adds (results.VALIDATION_COLUMNS)
 VALIDATORS = {"val_entropy": "lower", "val_im": "higher", "val_snd": "higher", "val_bnm": "higher",
               "val_d": "lower", "source_acc": "higher"}
-COLUMNS = tuple(name for name in VALIDATORS if name.startswith("val_"))
 ORACLE = "oracle (uses target labels)"
 
 

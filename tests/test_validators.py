@@ -17,7 +17,7 @@ from algorithms import DISCREPANCIES, MCD, discrepancy
 from config import Config
 from conftest import LENET, read_rows, train_args
 from datasets import load_digits
-from results import selection_path
+from results import VALIDATION_COLUMNS, selection_path
 from train import evaluate_all
 
 K = 4
@@ -154,7 +154,7 @@ def test_a_run_writes_its_scores_selection_and_tensorboard_and_resume_keeps_them
     rows, again = read_rows(plain), read_rows(boarded)
     assert [row["epoch"] for row in rows] == ["1", "2", "3"]
     for row, other in zip(rows, again):  # --tensorboard and the resume change no result
-        assert all(row[column] not in ("", None) for column in validators.COLUMNS)
+        assert all(row[column] not in ("", None) for column in VALIDATION_COLUMNS)
         assert {k: v for k, v in row.items() if k != "seconds"} == {k: v for k, v in other.items() if k != "seconds"}
     selection = read_rows(selection_path(boarded))
     assert [row["validator"] for row in selection] == [*validators.VALIDATORS, "last", "oracle (uses target labels)"]
