@@ -7,9 +7,9 @@ Local: `python launchers.py QUEUE [GPU]` is one worker; it takes the next job of
 
 Slurm: a task runs one job's main.py (with --resume) and keeps its log. Slurm stops a job with a signal: SIGTERM
 when it is cancelled or requeued (preemption), SIGUSR2 `SIGNAL_DELAY_S` before its time limit (submitit
-asks for that one). main.py writes its training state on either and exits. On SIGUSR2 submitit calls
-`SweepTask.checkpoint` and requeues the task; a requeued task is the same main.py again, which continues
-from that state. `states` asks `sacct` (no torch, no submitit) what became of each job id.
+asks for that one; it reaches this task, which passes it on). main.py writes its training state on either and
+exits. On SIGUSR2 submitit calls `SweepTask.checkpoint`, which waits for main.py's state, and requeues the task;
+a requeued task is the same main.py again, which continues from that state. `states` asks `sacct` (no torch, no submitit) what became of each job id.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ WAITING = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RES
 # sbatch's refusals, by the words of its message, and the sweep flag that set what it refused
 REFUSALS = ((("partition",), "--partition"), (("time limit",), "--time"), (("memory", "mem-per"), "--mem"),
             (("gres", "gpu"), "--gpus-per-job"))
+STATE_WRITE_S = SIGNAL_DELAY_S - 30  # how long a time-limited main.py may take to write its state before the requeue
 LINGER_S = 600  # a task whose run Slurm stopped waits at most this long to be killed (KillWait is far shorter)
 
 
@@ -112,16 +113,29 @@ class SweepTask:
         return code
 
     def checkpoint(self, argv: list[str], log: str):
-        """submitit's hook on SIGUSR2 (the time limit is near): main.py has the signal too and is writing its
-        state (it is passed on here in case Slurm signalled only this process); the requeued task resumes."""
+        """submitit's hook on SIGUSR2 (the time limit is near), before it requeues the job. Slurm signals this
+        process, not main.py: the signal is passed on, and main.py is given until it has written its state and
+        exited, since the requeue's SIGTERM would otherwise stop it with the wrong cause. The requeued task resumes."""
         import submitit
 
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGUSR2)
+        if self.process is not None:
+            self.process.send_signal(signal.SIGUSR2)  # a no-op once it has been reaped
+            _until_exited(self.process.pid, STATE_WRITE_S)
         return submitit.helpers.DelayedSubmission(SweepTask(), argv, log)
 
     def __getstate__(self) -> dict:
         return {}  # the process is this task's own, never sent
+
+
+def _until_exited(pid: int, timeout: float) -> None:
+    """Waits until the child `pid` has exited (at most `timeout` s) without reaping it: the Popen.wait this
+    signal interrupted holds Popen's reaping lock, and reaps it afterwards."""
+    deadline = time.monotonic() + timeout
+    try:
+        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except ChildProcessError:  # reaped already
+        pass
 
 
 def executor(folder: Path, time_min: int, gpus: int, mem_gb: float, partition: str | None, parallelism: int):

@@ -115,10 +115,12 @@ def test_cancelled_preempted_and_timed_out_jobs_each_continue_to_the_uninterrupt
     assert again.returncode == 0, again.stdout + again.stderr
     _until(lambda: all(_states(out)["mnist_usps_mcd"] == "done" for out in sweeps.values()), "every job done")
     logs = {fault: (path.parent / "main.log").read_text() for fault, path in csvs.items()}
-    assert "interrupted by SIGTERM" in logs["cancelled"] and logs["cancelled"].count("== Slurm job") == 2
-    assert "interrupted by SIGTERM" in logs["preempted"] and f"== Slurm job {ids['preempted']} on" in logs["preempted"]
-    assert "interrupted by SIGUSR2" in logs["timed_out"]
-    assert "restart 1" in logs["preempted"] and "restart 1" in logs["timed_out"]
+    said = {fault: [line for line in log.splitlines() if line.startswith(("== Slurm job", "interrupted by"))]
+            for fault, log in logs.items()}
+    assert "interrupted by SIGTERM" in logs["cancelled"] and logs["cancelled"].count("== Slurm job") == 2, said
+    assert "interrupted by SIGTERM" in logs["preempted"] and f"== Slurm job {ids['preempted']} on" in logs["preempted"], said
+    assert "interrupted by SIGUSR2" in logs["timed_out"], said  # main.py's state was written before the requeue
+    assert "restart 1" in logs["preempted"] and "restart 1" in logs["timed_out"], said
 
     reference = tmp_path / "reference.csv"
     subprocess.run([sys.executable, str(ROOT / "main.py"), "--source", "mnist", "--target", "usps", "--method", "mcd",

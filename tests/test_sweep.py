@@ -9,6 +9,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -264,6 +265,48 @@ def test_slurm_not_installed_is_one_line(tmp_path, monkeypatch, capsys):
                        "--launcher", "slurm", "--seeds", "1"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Run this on the cluster, or use --launcher local" in err, err
+
+
+CHILD_WRITING_ITS_STATE = """
+import signal, sys, time
+from pathlib import Path
+def stop(signum, frame):
+    time.sleep(1)  # writing the training state
+    Path(sys.argv[1]).write_text("state")
+    sys.exit(128 + signum)
+signal.signal(signal.SIGUSR2, stop)
+Path(sys.argv[2]).write_text("ready")
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="Slurm's time-limit signal is POSIX's")
+def test_a_slurm_time_limit_requeues_only_after_main_py_has_written_its_state(tmp_path):
+    """Slurm signals the task, submitit calls checkpoint() and then requeues (SIGTERM to everything). So the
+    checkpoint hook, run in the middle of the task's wait on main.py, returns only once main.py has exited."""
+    task, state, ready = launchers.SweepTask(), tmp_path / "state", tmp_path / "ready"
+    task.process = subprocess.Popen([sys.executable, "-c", CHILD_WRITING_ITS_STATE, str(state), str(ready)])
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline, "the child never installed its handler"
+        time.sleep(0.05)
+    seen: dict[str, object] = {}
+
+    def submitit_handler(signum, frame):
+        seen["resubmission"] = task.checkpoint(["--epochs", "3"], "main.log")
+        seen["state when requeued"] = state.exists()
+        raise SystemExit(-1)  # as submitit exits after requeueing
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR2)).start()  # Slurm's signal, to the task
+        with pytest.raises(SystemExit):
+            task.process.wait()  # holds Popen's reaping lock, as SweepTask.__call__ does
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen["state when requeued"] is True
+    assert task.process.wait(timeout=10) == 128 + signal.SIGUSR2
+    assert seen["resubmission"].args == (["--epochs", "3"], "main.log")
 
 
 def test_main_refuses_a_huge_seed_range_at_once(capsys):
