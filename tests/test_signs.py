@@ -14,17 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset_files
 import downloads
 import main as main_module
 import sweep
 from conftest import SIGN_CLASSES_USED, make_signs_root, read_rows, train_args
-from datasets import DataError, load_digits
+from datasets import DataError, Digits, load_digits
 
 SIGNS = ("--source", "synsig", "--target", "gtsrb")
 
 
-def _load(root: Path, **options) -> "datasets.Digits":  # noqa: F821
+def _load(root: Path, **options) -> Digits:
     options = {"download": False, "allow_unverified": True, **options}
     return load_digits(root, device=torch.device("cpu"), source="synsig", target="gtsrb", **options)
 
