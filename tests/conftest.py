@@ -7,6 +7,7 @@ import bz2
 import csv
 import gzip
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -214,8 +215,17 @@ def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture()
-def fresh_root(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
-    """A private data root a test may damage, with its true labels."""
-    root = tmp_path / "data"
+@pytest.fixture(scope="session")
+def _pristine_digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    """The files fresh_root copies (never handed to a test: nothing reads or writes them)."""
+    root = tmp_path_factory.mktemp("pristine-digits")
     return root, make_digits_root(root)
+
+
+@pytest.fixture()
+def fresh_root(tmp_path: Path, _pristine_digits) -> tuple[Path, dict[str, np.ndarray]]:
+    """A private data root a test may damage, with its true labels (a copy: writing them costs 0.3 s a test)."""
+    pristine, labels = _pristine_digits
+    root = tmp_path / "data"
+    shutil.copytree(pristine, root)
+    return root, {split: values.copy() for split, values in labels.items()}
