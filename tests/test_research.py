@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,8 +33,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def seed_runs(digits_root, tmp_path_factory) -> Path:
-    csv_path = tmp_path_factory.mktemp("seeds") / "mcd.csv"
-    assert main_module.main(_args(digits_root, csv_path, "--seeds", "1-2", "3")) == 0
+    """Three seeds trained with a relative --data-root, as users give it (the evaluation below runs elsewhere)."""
+    csv_path, where = tmp_path_factory.mktemp("seeds") / "mcd.csv", os.getcwd()
+    os.chdir(digits_root.parent)
+    try:
+        assert main_module.main(_args(Path(digits_root.name), csv_path, "--seeds", "1-2", "3")) == 0
+    finally:
+        os.chdir(where)
     return csv_path
 
 
@@ -103,7 +109,8 @@ def test_the_confusion_picture_gives_colours_and_numbers_in_one_unit(tmp_path, m
     matplotlib.pyplot.close(drawn[0])
 
 
-def test_evaluate_reproduces_the_last_row_without_training(seed_runs, capsys):
+def test_evaluate_reproduces_the_last_row_without_training(seed_runs, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # another folder: the run's data root was recorded whole
     checkpoint = seed_runs.parent / "mcd_seed2.pt"
     before = checkpoint.read_bytes()
     assert main_module.main(["--evaluate", str(checkpoint), "--device", "cpu", "--no-download"]) == 0
