@@ -268,7 +268,7 @@ def resolve(given: dict[str, Any]) -> Config:
     if values.get("small_subsets") and not set(pair) <= set(subsets):
         raise SettingError(f"--small-subsets is the paper's MNIST <-> USPS protocol; {pair[0]} -> {pair[1]} uses "
                            f"whole training sets: leave it out, or choose --source/--target among {' and '.join(subsets)}")
-    # Recorded whole, so that --evaluate, visualize.py and predict.py find the data from any folder.
+    # Recorded whole, so that --evaluate and visualize.py find the data from any folder.
     values["data_root"] = os.path.abspath(values.get("data_root", Config.data_root))
     if values.get("resume") and values.get("overwrite"):
         raise SettingError("argument --resume: not allowed with argument --overwrite (continue the run, or replace it)")

@@ -9,7 +9,8 @@ Slurm: a task runs one job's main.py (with --resume) and keeps its log. Slurm st
 when it is cancelled or requeued (preemption), SIGUSR2 `SIGNAL_DELAY_S` before its time limit (submitit
 asks for that one; it reaches this task, which passes it on). main.py writes its training state on either and
 exits. On SIGUSR2 submitit calls `SweepTask.checkpoint`, which waits for main.py's state, and requeues the task;
-a requeued task is the same main.py again, which continues from that state. `states` asks `sacct` (no torch, no submitit) what became of each job id.
+a requeued task is the same main.py again, which continues from that state. `states` asks `sacct` (no torch,
+no submitit) what became of each job id.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class SweepTask:
     def checkpoint(self, argv: list[str], log: str):
         """submitit's hook on SIGUSR2 (the time limit is near), before it requeues the job. Slurm signals this
         process, not main.py: the signal is passed on, and main.py is given until it has written its state and
-        exited, since the requeue's SIGTERM would otherwise stop it with the wrong cause. The requeued task resumes."""
+        exited, since the requeue's SIGTERM would otherwise stop it with the wrong cause. The requeued task
+        resumes."""
         import submitit
 
         if self.process is not None:
